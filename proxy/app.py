@@ -1,0 +1,111 @@
+"""The proxy server: wires Kafka ingest, the live hub and the HTTP routes into one IOLoop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import typing
+
+import tornado.httpserver
+import tornado.ioloop
+import tornado.netutil
+import tornado.web
+
+from proxy import http_api
+from proxy.config import TRANSPORTS, Config
+from proxy.ingest import KafkaIngest
+from proxy.live import SHUTDOWN_CLOSE, LiveHub
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+
+
+class ProxyServer:
+    """One running proxy: start() it inside an IOLoop, stop() it on a signal."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.hub = LiveHub(config.topics, config.history_size)
+        self.ingest: KafkaIngest | None = None
+        self.http_server: tornado.httpserver.HTTPServer | None = None
+        self.port: int | None = None
+        self._stopped = asyncio.Event()
+
+    def make_app(self) -> tornado.web.Application:
+        """Every URL the service has, in one list."""
+        config = self.config
+        router = self.hub.router(config.live.prefix, {
+            "disabled_transports": [t for t in TRANSPORTS if t not in config.live.transports],
+            "heartbeat_delay": config.live.heartbeat_interval,
+            "max_session_queue_bytes": config.live.max_session_queue_bytes,
+            "websocket_allow_origin": "*" if "*" in config.cors_origins else config.cors_origins,
+            "sockjs_url": "/static/sockjs.min.js",
+            # The proxy coalesces messages itself (LiveSession); no per-message flush.
+            "immediate_flush": False,
+        })
+        # The raw (non-SockJS) websocket endpoint would bypass the bounded, coalescing queue.
+        sockjs_routes = [route for route in router.urls if not route[0].endswith("/websocket")]
+        common = {"cors_origins": config.cors_origins}
+        routes: list[typing.Any] = [
+            (r"/topics/?", http_api.TopicsHandler, dict(common, hub=self.hub)),
+            (r"/status/?", http_api.StatusHandler, dict(common, hub=self.hub, ingest=self.ingest)),
+            (r"/health/?", http_api.HealthHandler, dict(common, ingest=self.ingest)),
+            *sockjs_routes,
+            (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
+            (r"/()", tornado.web.StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+        ]
+        return tornado.web.Application(
+            routes,
+            default_handler_class=http_api.NotFoundHandler,
+            default_handler_args=common,
+            log_function=self._log_request,
+        )
+
+    async def start(self) -> None:
+        """Start the consumer thread and listen; returns once the port is open."""
+        loop = tornado.ioloop.IOLoop.current()
+        self.ingest = KafkaIngest(self.config, self.hub.load_history, self.hub.publish, loop.add_callback)
+        app = self.make_app()
+        self.http_server = tornado.httpserver.HTTPServer(app, xheaders=True)
+        sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address)
+        self.http_server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self.ingest.start()
+        log.info("listening on http://%s:%d (SockJS at %s)", self.config.listen.address, self.port,
+                 self.config.live.prefix)
+
+    async def stop(self) -> None:
+        """Stop accepting, say goodbye to clients, stop the consumer."""
+        if self.http_server is not None:
+            self.http_server.stop()
+        self.hub.close_all(*SHUTDOWN_CLOSE)
+        # Let the close frames reach the sockets before the process goes away.
+        await asyncio.sleep(0)
+        if self.ingest is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.ingest.stop)
+        if self.http_server is not None:
+            await self.http_server.close_all_connections()
+        self._stopped.set()
+
+    async def run_until_signalled(self) -> None:
+        """start(), then stop() on SIGTERM or SIGINT."""
+        await self.start()
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await stop_requested.wait()
+        log.info("shutting down")
+        await self.stop()
+
+    @staticmethod
+    def _log_request(handler: tornado.web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        request = handler.request
+        logging.getLogger("proxy.access").log(
+            level, "%s %s %d %.1fms %s", request.method, request.path, status,
+            1000.0 * request.request_time(), request.remote_ip)

@@ -1,0 +1,216 @@
+"""The proxy's configuration: config.yaml parsed into typed, validated settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+DEFAULT_TOPICS = [
+    "addOffer", "buyOffer", "profit", "updateOffer", "updates", "salesPerMinutes",
+    "cumulativeAmountBasedMarketshare", "cumulativeRevenueBasedMarketshare", "marketSituation",
+    "revenuePerMinute", "revenuePerHour", "profitPerMinute", "inventory_level",
+]
+POLICIES = ("public", "owner", "owner_or_unowned")
+TRANSPORTS = ("websocket", "xhr_streaming", "xhr", "eventsource", "jsonp", "htmlfile")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class ListenConfig:
+    address: str = "0.0.0.0"
+    port: int = 8001
+
+
+@dataclass
+class LiveConfig:
+    prefix: str = "/live"
+    transports: list[str] = field(default_factory=lambda: ["websocket", "xhr_streaming", "xhr", "eventsource"])
+    drop_failed_requests: bool = True
+    max_session_queue_bytes: int = 8 * 1024 * 1024
+    heartbeat_interval: float = 25.0
+
+
+@dataclass
+class TopicExportConfig:
+    policy: str = "owner"
+    columns: typing.Optional[list[str]] = None
+    drop_columns: list[str] = field(default_factory=list)
+    flatten: typing.Optional[str] = None
+    parent_fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ExportConfig:
+    max_concurrent: int = 2
+    retention: float = 3600.0
+    max_bytes: int = 1024 ** 3
+    sweep_interval: float = 60.0
+    topics: dict[str, TopicExportConfig] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    kafka_url: typing.Optional[str] = None
+    kafka: dict[str, typing.Any] = field(default_factory=dict)
+    topics: list[str] = field(default_factory=lambda: list(DEFAULT_TOPICS))
+    history_size: int = 100
+    topic_refresh_interval: float = 2.0
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
+    data_dir: str = "data"
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    log_level: str = "INFO"
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Where the settings came from, for error messages; not a config key.
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+
+def load_config(path: str, *, required: bool = False) -> Config:
+    """Read and validate a YAML config file; a missing optional file gives the defaults."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: file not found") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw if raw is not None else {}, source=path)
+
+
+def parse_config(raw: typing.Any, source: str = "<config>") -> Config:
+    """Validate a decoded YAML document and build the Config, naming any bad key."""
+    config = _build(Config, raw, source, "")
+    config.source = source
+    _check_values(config, source)
+    return config
+
+
+def _build(cls: type, raw: typing.Any, source: str, prefix: str) -> typing.Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {_type_name(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known keys: {known})")
+        values[key] = _convert(hints[key], value, source, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _convert(hint: typing.Any, value: typing.Any, source: str, key: str) -> typing.Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _convert(args[0], value, source, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, source, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {_type_name(value)}")
+        return [_convert(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {_type_name(value)}")
+        return {str(k): _convert(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
+    if hint is typing.Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{source}: '{key}' must be {_type_name_of(hint)}, got {_type_name(value)}")
+    return value
+
+
+def _check_values(config: Config, source: str) -> None:
+    def fail(key: str, why: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: '{key}' {why}")
+
+    if config.history_size < 0:
+        fail("history_size", "must be 0 or more")
+    if config.topic_refresh_interval <= 0:
+        fail("topic_refresh_interval", "must be positive")
+    if not 0 <= config.listen.port <= 65535:
+        fail("listen.port", "must be a port number (0-65535)")
+    if len(set(config.topics)) != len(config.topics):
+        fail("topics", "lists a topic twice")
+    for i, topic in enumerate(config.topics):
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic):
+            fail(f"topics[{i}]", f"is not a valid Kafka topic name: {topic!r}")
+    if not config.live.prefix.startswith("/") or config.live.prefix.endswith("/"):
+        fail("live.prefix", "must start with '/' and not end with '/'")
+    for i, name in enumerate(config.live.transports):
+        if name not in TRANSPORTS:
+            fail(f"live.transports[{i}]", f"must be one of {', '.join(TRANSPORTS)}")
+    if config.live.max_session_queue_bytes <= 0:
+        fail("live.max_session_queue_bytes", "must be positive")
+    if config.live.heartbeat_interval <= 0:
+        fail("live.heartbeat_interval", "must be positive")
+    if config.log_level.upper() not in LOG_LEVELS:
+        fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    config.log_level = config.log_level.upper()
+    if config.export.max_concurrent < 1:
+        fail("export.max_concurrent", "must be 1 or more")
+    for key in ("retention", "max_bytes", "sweep_interval"):
+        if getattr(config.export, key) <= 0:
+            fail(f"export.{key}", "must be positive")
+    for topic, rules in config.export.topics.items():
+        if rules.policy not in POLICIES:
+            fail(f"export.topics.{topic}.policy", f"must be one of {', '.join(POLICIES)}")
+        if rules.parent_fields and not rules.flatten:
+            fail(f"export.topics.{topic}.parent_fields", "needs 'flatten'")
+    for key, value in config.kafka.items():
+        if not isinstance(value, (str, int, float, bool)):
+            fail(f"kafka.{key}", "must be a string, number or boolean")
+
+
+def expand_env(value: str, environ: typing.Mapping[str, str] | None = None) -> str:
+    """Replace ${VAR} with the environment variable VAR; a missing variable is an error."""
+    env = os.environ if environ is None else environ
+
+    def substitute(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ConfigError(f"environment variable {name} is not set (used as ${{{name}}} in the kafka settings)")
+        return env[name]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, value)
+
+
+def kafka_properties(config: Config) -> dict[str, str]:
+    """librdkafka properties from the config with ${VAR} expanded; bootstrap from kafka_url."""
+    props: dict[str, str] = {}
+    for key, value in config.kafka.items():
+        if isinstance(value, bool):
+            props[key] = "true" if value else "false"
+        else:
+            props[key] = expand_env(str(value))
+    if config.kafka_url:
+        props["bootstrap.servers"] = config.kafka_url
+    return props
+
+
+def _type_name(value: typing.Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _type_name_of(hint: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(hint, str(hint))

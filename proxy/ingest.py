@@ -1,0 +1,362 @@
+"""Ingest from Kafka: one consumer thread reads every partition of the live topics.
+
+The thread decodes and filters records and builds each envelope's JSON once; it hands whole
+batches to the IOLoop and never touches a Tornado object itself. A bounded number of batches
+may be in flight, so a stalled IOLoop slows the consumer instead of growing a queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import threading
+import time
+import typing
+
+import ujson
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from proxy import kafka_client, metrics
+from proxy.config import Config, kafka_properties
+from proxy.kafka_client import KafkaUnavailable
+
+log = logging.getLogger(__name__)
+
+# (topic, record timestamp in ms, envelope JSON)
+Record = tuple[str, int, str]
+
+BATCH_SIZE = 1000
+POLL_TIMEOUT = 0.1
+MAX_BATCHES_IN_FLIGHT = 8
+RETRY_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+# The consumer loop has not turned for this long (IOLoop stuck, thread wedged): call it stalled.
+STALL_SECONDS = 30.0
+
+
+class IngestStats:
+    """Counters of consumed and skipped records, per topic (updated once per batch)."""
+
+    def __init__(self) -> None:
+        self._consumed: collections.Counter[str] = collections.Counter()
+        self._skipped: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self._lock = threading.Lock()
+
+    def add(self, consumed: collections.Counter[str], skipped: collections.Counter[tuple[str, str]]) -> None:
+        with self._lock:
+            self._consumed.update(consumed)
+            for (topic, reason), count in skipped.items():
+                self._skipped[topic][reason] += count
+        for topic, count in consumed.items():
+            metrics.MESSAGES_CONSUMED.labels(topic).inc(count)
+        for (topic, reason), count in skipped.items():
+            metrics.MESSAGES_SKIPPED.labels(topic, reason).inc(count)
+
+    def consumed_by_topic(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._consumed)
+
+    def skipped_by_topic(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {topic: dict(reasons) for topic, reasons in self._skipped.items()}
+
+
+class RecordDecoder:
+    """Turns Kafka records into envelopes; counts and logs (once per topic) what it skips."""
+
+    def __init__(self, topics: typing.Iterable[str], drop_failed_requests: bool):
+        self.drop_failed_requests = drop_failed_requests
+        self._prefix = {t: '{"topic":%s,"partition":' % ujson.dumps(t) for t in topics}
+        self._warned: set[tuple[str, str]] = set()
+
+    def decode(self, topic: str, partition: int, offset: int, timestamp: int, raw: bytes | None,
+               skipped: collections.Counter[tuple[str, str]]) -> str | None:
+        """The envelope JSON of one record, or None (and a count) if it must be skipped."""
+        try:
+            value = ujson.loads(raw) if raw is not None else None
+        except (ValueError, TypeError):
+            return self._skip(topic, "invalid_json", partition, offset, skipped)
+        if not isinstance(value, dict):
+            return self._skip(topic, "not_an_object", partition, offset, skipped)
+        if self.drop_failed_requests:
+            code = value.get("http_code", 200)
+            if code != 200:
+                skipped[topic, "failed_request"] += 1
+                return None
+        # Reuse the producer's bytes instead of re-encoding: ujson has just proven them to be a
+        # JSON object. It also accepts NaN/Infinity, which JSON does not: re-encode those.
+        if b"NaN" in raw or b"Infinity" in raw:
+            try:
+                text = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+            except OverflowError:
+                return self._skip(topic, "invalid_json", partition, offset, skipped)
+        else:
+            text = raw.decode("utf-8")
+        return '%s%d,"offset":%d,"timestamp":%d,"value":%s}' % (
+            self._prefix[topic], partition, offset, timestamp, text)
+
+    def _skip(self, topic: str, reason: str, partition: int, offset: int,
+              skipped: collections.Counter[tuple[str, str]]) -> None:
+        skipped[topic, reason] += 1
+        if (topic, reason) not in self._warned:
+            self._warned.add((topic, reason))
+            log.warning("skipping %s value in topic %s (partition %d, offset %d); further ones are only counted",
+                        reason.replace("_", " "), topic, partition, offset)
+        return None
+
+
+class KafkaIngest:
+    """The consumer thread: initial history load, then live batches, with topic discovery."""
+
+    def __init__(self, config: Config, on_history: typing.Callable[[dict[str, list[str]]], None],
+                 on_batch: typing.Callable[[list[Record]], None],
+                 call_soon: typing.Callable[..., None]):
+        """on_history and on_batch run on the IOLoop; call_soon(fn, *args) schedules them there."""
+        self.config = config
+        self.topics = list(config.topics)
+        self.history_size = config.history_size
+        self.properties = kafka_properties(config)
+        self._on_history = on_history
+        self._on_batch = on_batch
+        self._call_soon = call_soon
+        self.decoder = RecordDecoder(self.topics, config.live.drop_failed_requests)
+        self.stats = IngestStats()
+        self._in_flight = threading.BoundedSemaphore(MAX_BATCHES_IN_FLIGHT)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._assigned: dict[str, set[int]] = {}
+        self._lag: dict[str, dict[int, int]] = {}
+        # Health, written by the consumer thread, read by the IOLoop.
+        self.connected = False
+        self.history_loaded = False
+        self.last_error: str | None = None
+        self._last_turn = time.monotonic()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the consumer (bad settings raise ValueError here) and start the thread."""
+        consumer = kafka_client.make_consumer(self.properties, error_cb=self._on_kafka_error)
+        self._thread = threading.Thread(target=self._run, args=(consumer,), name="kafka-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to finish, close the consumer, and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- health, read from the IOLoop ----------------------------------------------------------
+
+    def health(self) -> tuple[str, str | None]:
+        """("ok" | "starting" | "degraded", reason)."""
+        if self.last_error and not self.connected:
+            return "degraded", f"Kafka unreachable: {self.last_error}"
+        if not self.history_loaded:
+            return "starting", "loading the initial history from Kafka"
+        if self.last_error:
+            return "degraded", f"Kafka unreachable: {self.last_error}"
+        if time.monotonic() - self._last_turn > STALL_SECONDS:
+            return "degraded", f"consumer stalled: no progress for over {STALL_SECONDS:.0f}s"
+        return "ok", None
+
+    def lag(self) -> dict[str, dict[str, int]]:
+        """Per topic and partition, messages not yet read (from the last fetch responses)."""
+        return {topic: {str(p): lag for p, lag in parts.items()} for topic, parts in self._lag.items()}
+
+    # ---- the thread ----------------------------------------------------------------------------
+
+    def _run(self, consumer: typing.Any) -> None:
+        try:
+            partitions = self._wait_for_metadata(consumer)
+            if partitions is None:
+                return
+            self._load_history(consumer, partitions)
+            self._follow(consumer)
+        except Exception:
+            log.exception("Kafka ingest stopped by an unexpected error")
+            self.last_error = "ingest thread failed; see the log"
+            self.connected = False
+        finally:
+            consumer.close()
+
+    def _on_kafka_error(self, error: KafkaError) -> None:
+        # Called from inside consume(); all-brokers-down is what tells us the cluster is gone.
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            if error.code() == KafkaError._ALL_BROKERS_DOWN:
+                self.connected = False
+            self.last_error = kafka_client.describe(error)
+        else:
+            log.warning("Kafka client error: %s", kafka_client.describe(error))
+
+    def _wait_for_metadata(self, consumer: typing.Any) -> dict[str, list[int]] | None:
+        """Partitions of the live topics, retrying with backoff while the broker is unreachable."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                partitions = kafka_client.list_partitions(consumer, timeout=5.0)
+            except KafkaUnavailable as exc:
+                self.last_error = str(exc)
+                self.connected = False
+                delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
+                log.warning("Kafka unreachable (%s); retrying in %.1fs", exc, delay)
+                attempt += 1
+                self._stop.wait(delay)
+                continue
+            self._mark_connected()
+            return {t: partitions[t] for t in self.topics if t in partitions}
+        return None
+
+    def _mark_connected(self) -> None:
+        if not self.connected or self.last_error:
+            log.info("connected to Kafka")
+        self.connected = True
+        self.last_error = None
+
+    def _load_history(self, consumer: typing.Any, partitions: dict[str, list[int]]) -> None:
+        """Read the tail of every partition up to its end, then keep the newest N per topic.
+
+        Each partition starts at most N records before its high mark. A high mark that is too
+        small (Tansu) only makes us read more; the end is found by partition EOF events.
+        """
+        size = self.history_size
+        assignment = []
+        for topic, parts in partitions.items():
+            for partition in parts:
+                low, high = kafka_client.watermarks(consumer, topic, partition, timeout=10.0)
+                assignment.append(TopicPartition(topic, partition, max(low, high - size) if high >= 0 else OFFSET_BEGINNING))
+        pending = {(tp.topic, tp.partition) for tp in assignment}
+        consumer.assign(assignment)
+        for tp in assignment:
+            self._assigned.setdefault(tp.topic, set()).add(tp.partition)
+        # Per partition, the newest N records seen: (timestamp, partition, offset, envelope).
+        tails: dict[tuple[str, int], collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=size))
+        next_refresh = time.monotonic() + self.config.topic_refresh_interval
+        while pending and not self._stop.is_set():
+            self._last_turn = time.monotonic()
+            consumed: collections.Counter[str] = collections.Counter()
+            skipped: collections.Counter[tuple[str, str]] = collections.Counter()
+            for message in consumer.consume(BATCH_SIZE, POLL_TIMEOUT):
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard((message.topic(), message.partition()))
+                        self._mark_connected()
+                    else:
+                        self._log_record_error(error)
+                    continue
+                topic, partition, offset = message.topic(), message.partition(), message.offset()
+                consumed[topic] += 1
+                timestamp = self._timestamp_of(message)
+                envelope = self.decoder.decode(topic, partition, offset, timestamp, message.value(), skipped)
+                if envelope is not None and size:
+                    tails[topic, partition].append((timestamp, partition, offset, envelope))
+            self.stats.add(consumed, skipped)
+            if time.monotonic() >= next_refresh:
+                # Partitions found now are read from their beginning and join the history.
+                self._discover(consumer)
+                next_refresh = time.monotonic() + self.config.topic_refresh_interval
+        if self._stop.is_set():
+            return
+        histories: dict[str, list[str]] = {}
+        for topic in self.topics:
+            merged = heapq.merge(*(tail for (t, _), tail in tails.items() if t == topic))
+            histories[topic] = [entry[3] for entry in collections.deque(merged, maxlen=size)] if size else []
+        self._hand_over(self._on_history, histories)
+        self.history_loaded = True
+        log.info("initial history loaded: %s", {t: len(h) for t, h in histories.items() if h})
+
+    def _follow(self, consumer: typing.Any) -> None:
+        """Forward new records in batches; look for new topics and partitions periodically."""
+        decode = self.decoder.decode
+        timestamp_of = self._timestamp_of
+        next_refresh = time.monotonic() + self.config.topic_refresh_interval
+        while not self._stop.is_set():
+            self._last_turn = time.monotonic()
+            # Take what is already queued without waiting; wait only when there is nothing.
+            messages = consumer.consume(BATCH_SIZE, 0) or consumer.consume(1, POLL_TIMEOUT)
+            if messages:
+                batch: list[Record] = []
+                consumed: collections.Counter[str] = collections.Counter()
+                skipped: collections.Counter[tuple[str, str]] = collections.Counter()
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            self._mark_connected()
+                        else:
+                            self._log_record_error(error)
+                        continue
+                    topic = message.topic()
+                    consumed[topic] += 1
+                    timestamp = timestamp_of(message)
+                    envelope = decode(topic, message.partition(), message.offset(), timestamp,
+                                      message.value(), skipped)
+                    if envelope is not None:
+                        batch.append((topic, timestamp, envelope))
+                self.stats.add(consumed, skipped)
+                if consumed:
+                    self._mark_connected()
+                if batch:
+                    self._hand_over(self._on_batch, batch)
+            if time.monotonic() >= next_refresh:
+                self._discover(consumer)
+                self._update_lag(consumer)
+                next_refresh = time.monotonic() + self.config.topic_refresh_interval
+
+    @staticmethod
+    def _timestamp_of(message: typing.Any) -> int:
+        kind, timestamp = message.timestamp()
+        return timestamp if kind else int(time.time() * 1000)
+
+    def _log_record_error(self, error: KafkaError) -> None:
+        if error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION):
+            log.debug("Kafka: %s", kafka_client.describe(error))
+        else:
+            log.warning("Kafka consumer error: %s", kafka_client.describe(error))
+
+    def _hand_over(self, callback: typing.Callable[[typing.Any], None], payload: typing.Any) -> None:
+        """Schedule callback(payload) on the IOLoop, waiting while too many batches are in flight."""
+        while not self._in_flight.acquire(timeout=0.5):
+            if self._stop.is_set():
+                return
+
+        def run() -> None:
+            try:
+                callback(payload)
+            finally:
+                self._in_flight.release()
+
+        self._call_soon(run)
+
+    def _discover(self, consumer: typing.Any) -> None:
+        """Assign partitions of live topics that appeared since the last look, from their start."""
+        try:
+            partitions = kafka_client.list_partitions(consumer, timeout=2.0)
+        except KafkaUnavailable as exc:
+            self.last_error = str(exc)
+            self.connected = False
+            return
+        self._mark_connected()
+        new = [TopicPartition(topic, partition, OFFSET_BEGINNING)
+               for topic in self.topics
+               for partition in partitions.get(topic, ())
+               if partition not in self._assigned.get(topic, ())]
+        if new:
+            consumer.incremental_assign(new)
+            for tp in new:
+                self._assigned.setdefault(tp.topic, set()).add(tp.partition)
+            log.info("following new partitions: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in new))
+
+    def _update_lag(self, consumer: typing.Any) -> None:
+        lag: dict[str, dict[int, int]] = {}
+        positions = consumer.position([TopicPartition(t, p) for t, parts in self._assigned.items() for p in parts])
+        for tp in positions:
+            high = kafka_client.cached_high_watermark(consumer, tp.topic, tp.partition)
+            if high is None or tp.offset < 0:
+                continue
+            behind = max(0, high - tp.offset)
+            lag.setdefault(tp.topic, {})[tp.partition] = behind
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(behind)
+        self._lag = lag

