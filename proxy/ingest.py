@@ -87,7 +87,7 @@ class RecordDecoder:
         # JSON object. It also accepts NaN/Infinity, which JSON does not: re-encode those.
         if b"NaN" in raw or b"Infinity" in raw:
             try:
-                text = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+                text = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
             except OverflowError:
                 return self._skip(topic, "invalid_json", partition, offset, skipped)
         else:

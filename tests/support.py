@@ -1,0 +1,221 @@
+"""Test helpers: run the real proxy process, produce to the real broker, speak SockJS."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing
+import urllib.error
+import urllib.request
+import uuid
+
+import websocket
+import yaml
+from confluent_kafka import Producer
+
+from proxy.broker import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate: typing.Callable[[], typing.Any], timeout: float = 10.0, interval: float = 0.05,
+               message: str = "condition") -> typing.Any:
+    """Poll predicate until it returns something truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def unique_topics(*names: str) -> list[str]:
+    """Topic names no other test uses (the broker is shared by the session)."""
+    suffix = uuid.uuid4().hex[:8]
+    return [f"{name}-{suffix}" for name in names]
+
+
+def produce(bootstrap: str, topic: str, values: typing.Iterable[typing.Any], partition: int | None = None,
+            timestamps: typing.Iterable[int] | None = None) -> None:
+    """Write values (dicts are JSON-encoded, bytes as they are) and wait for the acks."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    stamps = iter(timestamps) if timestamps is not None else None
+    for value in values:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        kwargs: dict[str, typing.Any] = {}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if stamps is not None:
+            kwargs["timestamp"] = next(stamps)
+        producer.produce(topic, raw, **kwargs)
+    assert producer.flush(10) == 0, "producer did not deliver everything"
+
+
+class ProxyProcess:
+    """The proxy as a real process (python -m proxy) on a free loopback port."""
+
+    def __init__(self, bootstrap: str | None, config: dict[str, typing.Any], tmp_path: typing.Any,
+                 extra_args: typing.Sequence[str] = (), env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.config_path = os.path.join(str(tmp_path), f"config-{self.port}.yaml")
+        settings = {"listen": {"address": "127.0.0.1", "port": self.port},
+                    "data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5}
+        settings.update(config)
+        with open(self.config_path, "w") as handle:
+            yaml.safe_dump(settings, handle)
+        self.args = [sys.executable, "-m", "proxy", "--config", self.config_path, *extra_args]
+        if bootstrap:
+            self.args += ["--kafka-url", bootstrap]
+        self.log_path = os.path.join(str(tmp_path), f"proxy-{self.port}.log")
+        self.env = dict(os.environ, **(env or {}))
+        self.env.pop("KAFKA_URL", None)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_healthy: bool = True) -> "ProxyProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
+        wait_until(self._answers, 20, message="the proxy to listen")
+        if wait_healthy:
+            wait_until(lambda: self.get("/health")[0] == 200, 20, message="/health to be 200")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"proxy exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit; returns the exit code."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, typing.Any, dict[str, str]]:
+        """GET path → (status, decoded JSON body or raw text, headers)."""
+        request = urllib.request.Request(self.base + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, body, head = response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            status, body, head = error.code, error.read(), dict(error.headers)
+        text = body.decode()
+        if head.get("Content-Type", "").startswith("application/json"):
+            return status, json.loads(text), head
+        return status, text, head
+
+
+def parse_sockjs_frame(frame: str) -> list[typing.Any] | None:
+    """The messages of one SockJS frame, decoded; None for open/heartbeat; raises on close."""
+    if frame in ("o", "h") or not frame:
+        return None
+    if frame[0] == "c":
+        raise SockJSClosed(*json.loads(frame[1:]))
+    assert frame[0] == "a", f"unexpected SockJS frame {frame[:50]!r}"
+    return [json.loads(message) for message in json.loads(frame[1:])]
+
+
+class SockJSClosed(Exception):
+    """The server closed the SockJS session (code, reason)."""
+
+
+class SockJSClient:
+    """A SockJS client over the websocket or xhr_streaming transport, decoding JSON messages."""
+
+    def __init__(self, base: str, transport: str = "websocket", prefix: str = "/live"):
+        self.transport = transport
+        server, session = "000", uuid.uuid4().hex[:12]
+        host_port = base.split("//", 1)[1]
+        self.pending: list[typing.Any] = []
+        if transport == "websocket":
+            self.ws = websocket.create_connection(f"ws://{host_port}{prefix}/{server}/{session}/websocket", timeout=10)
+        elif transport == "xhr_streaming":
+            host, port = host_port.split(":")
+            self.http = http.client.HTTPConnection(host, int(port), timeout=10)
+            self.http.request("POST", f"{prefix}/{server}/{session}/xhr_streaming", body=b"")
+            self.response = self.http.getresponse()
+            assert self.response.status == 200, self.response.status
+            prelude = self.response.readline()
+            assert prelude.strip() == b"h" * 2048
+        else:
+            raise ValueError(transport)
+        self._send_url = f"{base}{prefix}/{server}/{session}/xhr_send"
+
+    def _frame(self) -> str:
+        if self.transport == "websocket":
+            return self.ws.recv()
+        line = self.response.readline()
+        if not line:
+            raise SockJSClosed(0, "stream ended")
+        return line.decode().rstrip("\n")
+
+    def receive(self, count: int = 1, timeout: float = 10.0) -> list[typing.Any]:
+        """Exactly `count` decoded messages (more stay pending), waiting up to timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.pending) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"got {len(self.pending)} of {count} messages within {timeout}s: {self.pending!r}")
+            messages = parse_sockjs_frame(self._frame())
+            if messages:
+                self.pending.extend(messages)
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
+
+    def receive_until(self, predicate: typing.Callable[[typing.Any], bool], timeout: float = 10.0) -> list[typing.Any]:
+        """Messages up to and including the first for which predicate is true."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching message within {timeout}s; saw {seen!r}")
+            (message,) = self.receive(1, timeout=max(0.1, deadline - time.monotonic()))
+            seen.append(message)
+            if predicate(message):
+                return seen
+
+    def send(self, message: typing.Any) -> None:
+        payload = json.dumps([json.dumps(message) if not isinstance(message, str) else message])
+        if self.transport == "websocket":
+            self.ws.send(payload)
+        else:
+            request = urllib.request.Request(self._send_url, data=payload.encode(), method="POST",
+                                             headers={"Content-Type": "text/plain"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 204, response.status
+
+    def close(self) -> None:
+        try:
+            if self.transport == "websocket":
+                self.ws.close()
+            else:
+                self.http.close()
+        except OSError:
+            pass
