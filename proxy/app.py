@@ -13,12 +13,15 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
-from proxy import http_api
+from proxy import http_api, metrics
 from proxy.config import TRANSPORTS, Config
 from proxy.ingest import KafkaIngest
 from proxy.live import SHUTDOWN_CLOSE, LiveHub
+from proxy.policy import merchant_id_for, token_from_authorization
+from proxy.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("proxy.access")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
@@ -32,7 +35,7 @@ class ProxyServer:
         self.ingest: KafkaIngest | None = None
         self.http_server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
-        self._stopped = asyncio.Event()
+        self.systemd = SystemdNotifier()
 
     def make_app(self) -> tornado.web.Application:
         """Every URL the service has, in one list."""
@@ -53,6 +56,7 @@ class ProxyServer:
             (r"/topics/?", http_api.TopicsHandler, dict(common, hub=self.hub)),
             (r"/status/?", http_api.StatusHandler, dict(common, hub=self.hub, ingest=self.ingest)),
             (r"/health/?", http_api.HealthHandler, dict(common, ingest=self.ingest)),
+            (r"/metrics/?", http_api.MetricsHandler),
             *sockjs_routes,
             (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
             (r"/()", tornado.web.StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
@@ -67,32 +71,45 @@ class ProxyServer:
     async def start(self) -> None:
         """Start the consumer thread and listen; returns once the port is open."""
         loop = tornado.ioloop.IOLoop.current()
-        self.ingest = KafkaIngest(self.config, self.hub.load_history, self.hub.publish, loop.add_callback)
+        self.ingest = KafkaIngest(self.config, self._history_loaded, self.hub.publish, loop.add_callback,
+                                  wants_every_message=lambda: self.hub.session_count() > 0)
         app = self.make_app()
         self.http_server = tornado.httpserver.HTTPServer(app, xheaders=True)
         sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address)
         self.http_server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         self.ingest.start()
+        self.systemd.start_watchdog(self.ingest.is_alive)
         log.info("listening on http://%s:%d (SockJS at %s)", self.config.listen.address, self.port,
                  self.config.live.prefix)
 
+    def _history_loaded(self, histories: dict[str, list[str]]) -> None:
+        self.hub.load_history(histories)
+        self.systemd.ready()
+
     async def stop(self) -> None:
         """Stop accepting, say goodbye to clients, stop the consumer."""
+        self.systemd.stopping()
+        self.systemd.stop_watchdog()
         if self.http_server is not None:
             self.http_server.stop()
         self.hub.close_all(*SHUTDOWN_CLOSE)
-        # Let the close frames reach the sockets before the process goes away.
-        await asyncio.sleep(0)
+        # IOStream writes go to the kernel at once when they can; one short pause lets the
+        # rest of the close frames out before the sockets are torn down.
+        await asyncio.sleep(0.1)
         if self.ingest is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.ingest.stop)
         if self.http_server is not None:
             await self.http_server.close_all_connections()
-        self._stopped.set()
+        self.systemd.close()
 
     async def run_until_signalled(self) -> None:
         """start(), then stop() on SIGTERM or SIGINT."""
         await self.start()
+        await self.wait_for_signal()
+
+    async def wait_for_signal(self) -> None:
+        """Wait for SIGTERM or SIGINT, then stop()."""
         stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -103,9 +120,18 @@ class ProxyServer:
 
     @staticmethod
     def _log_request(handler: tornado.web.RequestHandler) -> None:
+        """One structured line per request; names the merchant by id, never by token."""
         status = handler.get_status()
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         request = handler.request
-        logging.getLogger("proxy.access").log(
-            level, "%s %s %d %.1fms %s", request.method, request.path, status,
-            1000.0 * request.request_time(), request.remote_ip)
+        route = type(handler).__name__
+        metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
+        fields = {
+            "method": request.method, "path": request.path, "status": status,
+            "duration_ms": round(1000.0 * request.request_time(), 1), "remote": request.remote_ip,
+            "route": route,
+        }
+        token = token_from_authorization(request.headers.get("Authorization"))
+        if token:
+            fields["merchant_id"] = merchant_id_for(token)
+        level = logging.INFO if status < 500 else logging.ERROR
+        access_log.log(level, "http %s", " ".join(f"{k}={v}" for k, v in fields.items()))

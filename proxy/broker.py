@@ -8,6 +8,8 @@ run the proxy against a real cluster.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import signal
 import socket
@@ -15,6 +17,19 @@ import subprocess
 import time
 
 from confluent_kafka.admin import AdminClient, NewTopic
+
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies, so no broker outlives us."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 class BrokerError(RuntimeError):
@@ -72,6 +87,7 @@ class TansuBroker:
                 # Its own process group, so a Ctrl-C in the terminal reaches only our handler,
                 # which then stops the broker in order.
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             if log is not subprocess.DEVNULL:
@@ -86,7 +102,7 @@ class TansuBroker:
     def wait_ready(self, timeout: float) -> None:
         """Poll with a deadline until the broker serves metadata (an open port is not enough)."""
         deadline = time.monotonic() + timeout
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "logger": log})
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
@@ -118,7 +134,7 @@ class TansuBroker:
 
     def create_topics(self, names: list[str], partitions: int = 1, timeout: float = 10.0) -> None:
         """Create topics explicitly (auto-created ones get 4 partitions on Tansu)."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "logger": log})
         futures = admin.create_topics(
             [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names],
             operation_timeout=timeout,

@@ -6,8 +6,11 @@ import http
 import logging
 import typing
 
+import prometheus_client
 import tornado.web
 import ujson
+
+from proxy import metrics
 
 if typing.TYPE_CHECKING:
     from proxy.ingest import KafkaIngest
@@ -121,3 +124,11 @@ class HealthHandler(JsonHandler):
         if self.get_argument("verbose", "0") not in ("0", "", "false"):
             body["lag"] = self.ingest.lag()
         self.write_json(body, 200 if state == "ok" else 503)
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    """GET /metrics: Prometheus text exposition of the proxy's metrics."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
+        self.finish(prometheus_client.generate_latest(metrics.REGISTRY))

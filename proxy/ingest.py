@@ -1,21 +1,20 @@
 """Ingest from Kafka: one consumer thread reads every partition of the live topics.
 
-The thread decodes and filters records and builds each envelope's JSON once; it hands whole
-batches to the IOLoop and never touches a Tornado object itself. A bounded number of batches
+The thread decodes and filters records; it hands whole batches to the IOLoop and never touches a
+Tornado object itself. Envelopes are rendered once, on the IOLoop, for the records someone sees. A bounded number of batches
 may be in flight, so a stalled IOLoop slows the consumer instead of growing a queue.
 """
 
 from __future__ import annotations
 
 import collections
-import heapq
 import logging
 import threading
 import time
 import typing
 
 import ujson
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
 from proxy import kafka_client, metrics
 from proxy.config import Config, kafka_properties
@@ -26,12 +25,27 @@ log = logging.getLogger(__name__)
 # (topic, record timestamp in ms, envelope JSON)
 Record = tuple[str, int, str]
 
+topic_of = Message.topic
+
 BATCH_SIZE = 1000
 POLL_TIMEOUT = 0.1
 MAX_BATCHES_IN_FLIGHT = 8
 RETRY_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 # The consumer loop has not turned for this long (IOLoop stuck, thread wedged): call it stalled.
 STALL_SECONDS = 30.0
+
+
+def newest_per_topic(messages: list[typing.Any], count: int) -> list[typing.Any]:
+    """The last `count` messages of each topic, in their original order."""
+    kept: collections.Counter[str] = collections.Counter()
+    newest = []
+    for message in reversed(messages):
+        topic = message.topic()
+        if kept[topic] < count:
+            kept[topic] += 1
+            newest.append(message)
+    newest.reverse()
+    return newest
 
 
 class IngestStats:
@@ -62,47 +76,59 @@ class IngestStats:
 
 
 class RecordDecoder:
-    """Turns Kafka records into envelopes; counts and logs (once per topic) what it skips."""
+    """Decides which records to forward and renders their envelopes; counts what it skips.
+
+    accept() runs on the consumer thread for every record; envelope() runs on the IOLoop only for
+    records someone will see (the newest of each topic, or all while clients are connected), so
+    ingest does not pay for formatting messages nobody reads.
+    """
 
     def __init__(self, topics: typing.Iterable[str], drop_failed_requests: bool):
         self.drop_failed_requests = drop_failed_requests
         self._prefix = {t: '{"topic":%s,"partition":' % ujson.dumps(t) for t in topics}
         self._warned: set[tuple[str, str]] = set()
 
-    def decode(self, topic: str, partition: int, offset: int, timestamp: int, raw: bytes | None,
-               skipped: collections.Counter[tuple[str, str]]) -> str | None:
-        """The envelope JSON of one record, or None (and a count) if it must be skipped."""
+    def accept(self, message: typing.Any, skipped: collections.Counter[tuple[str, str]]) -> bool:
+        """Whether the record is a JSON object to forward (valid, and not a failed request)."""
         try:
-            value = ujson.loads(raw) if raw is not None else None
+            value = ujson.loads(message.value())
         except (ValueError, TypeError):
-            return self._skip(topic, "invalid_json", partition, offset, skipped)
-        if not isinstance(value, dict):
-            return self._skip(topic, "not_an_object", partition, offset, skipped)
-        if self.drop_failed_requests:
-            code = value.get("http_code", 200)
-            if code != 200:
-                skipped[topic, "failed_request"] += 1
-                return None
-        # Reuse the producer's bytes instead of re-encoding: ujson has just proven them to be a
-        # JSON object. It also accepts NaN/Infinity, which JSON does not: re-encode those.
+            return self._skip(message, message.topic(), "invalid_json", skipped)
+        if type(value) is not dict:
+            return self._skip(message, message.topic(), "not_an_object", skipped)
+        if self.drop_failed_requests and value.get("http_code", 200) != 200:
+            skipped[message.topic(), "failed_request"] += 1
+            return False
+        return True
+
+    def envelope(self, message: typing.Any, skipped: collections.Counter[tuple[str, str]]) -> Record | None:
+        """(topic, timestamp, envelope JSON) of an accepted record; None if it cannot be JSON."""
+        topic, raw = message.topic(), message.value()
+        # Reuse the producer's bytes instead of re-encoding: accept() has proven them to be a
+        # JSON object. ujson also accepts NaN/Infinity, which JSON does not: re-encode those.
         if b"NaN" in raw or b"Infinity" in raw:
             try:
-                text = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
+                text = ujson.dumps(ujson.loads(raw), ensure_ascii=False, escape_forward_slashes=False,
+                                   allow_nan=False)
             except OverflowError:
-                return self._skip(topic, "invalid_json", partition, offset, skipped)
+                self._skip(message, topic, "invalid_json", skipped)
+                return None
         else:
             text = raw.decode("utf-8")
-        return '%s%d,"offset":%d,"timestamp":%d,"value":%s}' % (
-            self._prefix[topic], partition, offset, timestamp, text)
+        kind, timestamp = message.timestamp()
+        if not kind:  # TIMESTAMP_NOT_AVAILABLE
+            timestamp = int(time.time() * 1000)
+        return topic, timestamp, '%s%d,"offset":%d,"timestamp":%d,"value":%s}' % (
+            self._prefix[topic], message.partition(), message.offset(), timestamp, text)
 
-    def _skip(self, topic: str, reason: str, partition: int, offset: int,
-              skipped: collections.Counter[tuple[str, str]]) -> None:
+    def _skip(self, message: typing.Any, topic: str, reason: str,
+              skipped: collections.Counter[tuple[str, str]]) -> bool:
         skipped[topic, reason] += 1
         if (topic, reason) not in self._warned:
             self._warned.add((topic, reason))
             log.warning("skipping %s value in topic %s (partition %d, offset %d); further ones are only counted",
-                        reason.replace("_", " "), topic, partition, offset)
-        return None
+                        reason.replace("_", " "), topic, message.partition(), message.offset())
+        return False
 
 
 class KafkaIngest:
@@ -110,14 +136,20 @@ class KafkaIngest:
 
     def __init__(self, config: Config, on_history: typing.Callable[[dict[str, list[str]]], None],
                  on_batch: typing.Callable[[list[Record]], None],
-                 call_soon: typing.Callable[..., None]):
-        """on_history and on_batch run on the IOLoop; call_soon(fn, *args) schedules them there."""
+                 call_soon: typing.Callable[..., None],
+                 wants_every_message: typing.Callable[[], bool] = lambda: True):
+        """on_history and on_batch run on the IOLoop; call_soon(fn, *args) schedules them there.
+
+        wants_every_message() tells whether live clients are connected; without them only the
+        newest records of each topic (for the history) are rendered.
+        """
         self.config = config
         self.topics = list(config.topics)
         self.history_size = config.history_size
         self.properties = kafka_properties(config)
         self._on_history = on_history
         self._on_batch = on_batch
+        self._wants_every_message = wants_every_message
         self._call_soon = call_soon
         self.decoder = RecordDecoder(self.topics, config.live.drop_failed_requests)
         self.stats = IngestStats()
@@ -125,6 +157,7 @@ class KafkaIngest:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._assigned: dict[str, set[int]] = {}
+        self._start_offsets: dict[tuple[str, int], int] = {}
         self._lag: dict[str, dict[int, int]] = {}
         # Health, written by the consumer thread, read by the IOLoop.
         self.connected = False
@@ -159,6 +192,15 @@ class KafkaIngest:
         if time.monotonic() - self._last_turn > STALL_SECONDS:
             return "degraded", f"consumer stalled: no progress for over {STALL_SECONDS:.0f}s"
         return "ok", None
+
+    def is_alive(self) -> bool:
+        """The consumer thread runs and its loop turned recently (for the systemd watchdog).
+
+        Unlike health(), a Kafka outage does not count: restarting the proxy would not help.
+        """
+        thread = self._thread
+        return (thread is not None and thread.is_alive()
+                and time.monotonic() - self._last_turn <= STALL_SECONDS)
 
     def lag(self) -> dict[str, dict[str, int]]:
         """Per topic and partition, messages not yet read (from the last fetch responses)."""
@@ -227,9 +269,8 @@ class KafkaIngest:
                 assignment.append(TopicPartition(topic, partition, max(low, high - size) if high >= 0 else OFFSET_BEGINNING))
         pending = {(tp.topic, tp.partition) for tp in assignment}
         consumer.assign(assignment)
-        for tp in assignment:
-            self._assigned.setdefault(tp.topic, set()).add(tp.partition)
-        # Per partition, the newest N records seen: (timestamp, partition, offset, envelope).
+        self._remember(assignment)
+        # Per partition, the newest N accepted records.
         tails: dict[tuple[str, int], collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=size))
         next_refresh = time.monotonic() + self.config.topic_refresh_interval
@@ -246,12 +287,9 @@ class KafkaIngest:
                     else:
                         self._log_record_error(error)
                     continue
-                topic, partition, offset = message.topic(), message.partition(), message.offset()
-                consumed[topic] += 1
-                timestamp = self._timestamp_of(message)
-                envelope = self.decoder.decode(topic, partition, offset, timestamp, message.value(), skipped)
-                if envelope is not None and size:
-                    tails[topic, partition].append((timestamp, partition, offset, envelope))
+                consumed[message.topic()] += 1
+                if self.decoder.accept(message, skipped) and size:
+                    tails[message.topic(), message.partition()].append(message)
             self.stats.add(consumed, skipped)
             if time.monotonic() >= next_refresh:
                 # Partitions found now are read from their beginning and join the history.
@@ -259,56 +297,68 @@ class KafkaIngest:
                 next_refresh = time.monotonic() + self.config.topic_refresh_interval
         if self._stop.is_set():
             return
+        skipped = collections.Counter()
         histories: dict[str, list[str]] = {}
         for topic in self.topics:
-            merged = heapq.merge(*(tail for (t, _), tail in tails.items() if t == topic))
-            histories[topic] = [entry[3] for entry in collections.deque(merged, maxlen=size)] if size else []
+            records = [r for key in sorted(tails) if key[0] == topic for m in tails[key]
+                       if (r := self.decoder.envelope(m, skipped)) is not None]
+            records.sort(key=lambda record: record[1])  # by timestamp; stable: partition order kept
+            histories[topic] = [envelope for _, _, envelope in records[-size:]] if size else []
+        self.stats.add(collections.Counter(), skipped)
         self._hand_over(self._on_history, histories)
         self.history_loaded = True
         log.info("initial history loaded: %s", {t: len(h) for t, h in histories.items() if h})
 
     def _follow(self, consumer: typing.Any) -> None:
         """Forward new records in batches; look for new topics and partitions periodically."""
-        decode = self.decoder.decode
-        timestamp_of = self._timestamp_of
+        accept = self.decoder.accept
         next_refresh = time.monotonic() + self.config.topic_refresh_interval
         while not self._stop.is_set():
             self._last_turn = time.monotonic()
             # Take what is already queued without waiting; wait only when there is nothing.
             messages = consumer.consume(BATCH_SIZE, 0) or consumer.consume(1, POLL_TIMEOUT)
             if messages:
-                batch: list[Record] = []
-                consumed: collections.Counter[str] = collections.Counter()
+                batch: list[typing.Any] = []
+                # Counting in C (map) instead of per record in Python: this loop is the ingest
+                # ceiling. Error events carry a topic too; they are taken out again below.
+                consumed = collections.Counter(map(topic_of, messages))
                 skipped: collections.Counter[tuple[str, str]] = collections.Counter()
                 for message in messages:
                     error = message.error()
                     if error is not None:
+                        consumed[message.topic()] -= 1
                         if error.code() == KafkaError._PARTITION_EOF:
                             self._mark_connected()
                         else:
                             self._log_record_error(error)
                         continue
-                    topic = message.topic()
-                    consumed[topic] += 1
-                    timestamp = timestamp_of(message)
-                    envelope = decode(topic, message.partition(), message.offset(), timestamp,
-                                      message.value(), skipped)
-                    if envelope is not None:
-                        batch.append((topic, timestamp, envelope))
+                    if accept(message, skipped):
+                        batch.append(message)
+                consumed = +consumed  # drop the zero counts of error events
                 self.stats.add(consumed, skipped)
                 if consumed:
                     self._mark_connected()
                 if batch:
-                    self._hand_over(self._on_batch, batch)
+                    self._hand_over(self._deliver, (batch, len(consumed) == 1))
             if time.monotonic() >= next_refresh:
                 self._discover(consumer)
                 self._update_lag(consumer)
                 next_refresh = time.monotonic() + self.config.topic_refresh_interval
 
-    @staticmethod
-    def _timestamp_of(message: typing.Any) -> int:
-        kind, timestamp = message.timestamp()
-        return timestamp if kind else int(time.time() * 1000)
+    def _deliver(self, batch: tuple[list[typing.Any], bool]) -> None:
+        """On the IOLoop: render the envelopes someone will see and pass them on."""
+        messages, single_topic = batch
+        if not self._wants_every_message() and len(messages) > self.history_size:
+            if single_topic:
+                messages = messages[-self.history_size:] if self.history_size else []
+            else:
+                messages = newest_per_topic(messages, self.history_size)
+        skipped: collections.Counter[tuple[str, str]] = collections.Counter()
+        envelope = self.decoder.envelope
+        records = [r for m in messages if (r := envelope(m, skipped)) is not None]
+        if skipped:
+            self.stats.add(collections.Counter(), skipped)
+        self._on_batch(records)
 
     def _log_record_error(self, error: KafkaError) -> None:
         if error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION):
@@ -345,18 +395,37 @@ class KafkaIngest:
                if partition not in self._assigned.get(topic, ())]
         if new:
             consumer.incremental_assign(new)
-            for tp in new:
-                self._assigned.setdefault(tp.topic, set()).add(tp.partition)
+            self._remember(new)
             log.info("following new partitions: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in new))
 
+    def _remember(self, assignment: list[TopicPartition]) -> None:
+        for tp in assignment:
+            self._assigned.setdefault(tp.topic, set()).add(tp.partition)
+            self._start_offsets[tp.topic, tp.partition] = max(tp.offset, 0)
+
     def _update_lag(self, consumer: typing.Any) -> None:
+        """Record per-partition lag, and rewind partitions whose broker lost its data.
+
+        A broker that lost its log (restarted without storage, topic re-created) ends below our
+        position. Apache Kafka then answers OFFSET_OUT_OF_RANGE and auto.offset.reset rewinds;
+        some brokers (Tansu) just return nothing. Either way the position beyond the high mark
+        means "start again from the new beginning".
+        """
         lag: dict[str, dict[int, int]] = {}
         positions = consumer.position([TopicPartition(t, p) for t, parts in self._assigned.items() for p in parts])
         for tp in positions:
             high = kafka_client.cached_high_watermark(consumer, tp.topic, tp.partition)
-            if high is None or tp.offset < 0:
+            # position() is unknown until the first record; fall back to where we assigned it.
+            position = tp.offset if tp.offset >= 0 else self._start_offsets.get((tp.topic, tp.partition), -1)
+            if high is None or position < 0:
                 continue
-            behind = max(0, high - tp.offset)
+            if position > high:
+                log.warning("%s[%d] ends at %d, before our position %d: the broker lost its data; "
+                            "reading from its new beginning", tp.topic, tp.partition, high, position)
+                consumer.seek(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
+                self._start_offsets[tp.topic, tp.partition] = 0
+                continue
+            behind = high - position
             lag.setdefault(tp.topic, {})[tp.partition] = behind
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(behind)
         self._lag = lag

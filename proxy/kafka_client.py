@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 import typing
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 log = logging.getLogger("proxy.kafka")
+
+
+class RepeatedLogFilter(logging.Filter):
+    """Lets a librdkafka message through once per interval: while a broker is down it repeats
+    the same connect failure many times a second."""
+
+    def __init__(self, interval: float = 30.0):
+        super().__init__()
+        self.interval = interval
+        self._last_seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        if now - self._last_seen.get(key, -self.interval) < self.interval:
+            return False
+        if len(self._last_seen) > 1000:
+            self._last_seen.clear()
+        self._last_seen[key] = now
+        return True
+
+
+log.addFilter(RepeatedLogFilter())
 
 # librdkafka refuses a consumer without group.id even when partitions are assigned by hand.
 # The proxy never joins the group nor commits, so any fixed name will do.
@@ -22,9 +47,6 @@ LIVE_CONSUMER_DEFAULTS = {
     "socket.keepalive.enable": "true",
     "reconnect.backoff.max.ms": "5000",
 }
-
-SECRET_PROPERTY_MARKERS = ("password", "secret", "key", "token", "jaas")
-
 
 class KafkaUnavailable(Exception):
     """The Kafka cluster could not be reached or answered with an error."""
@@ -46,8 +68,8 @@ def make_consumer(properties: typing.Mapping[str, str], *, defaults: typing.Mapp
     try:
         return Consumer(conf, logger=log)
     except KafkaException as exc:
-        # A bad property: name it without echoing values, which may be secrets.
-        raise ValueError(f"invalid Kafka client settings: {exc.args[0].str()}") from None
+        # librdkafka quotes the offending value, which may be a secret: blank every value out.
+        raise ValueError(f"invalid Kafka client settings: {scrub(exc.args[0].str(), properties)}") from None
 
 
 def list_partitions(client: typing.Any, timeout: float) -> dict[str, list[int]]:
@@ -92,7 +114,9 @@ def describe(error: typing.Any) -> str:
     return str(error)
 
 
-def redact(properties: typing.Mapping[str, str]) -> dict[str, str]:
-    """Properties safe to log: values of secret-looking keys replaced."""
-    return {key: ("***" if any(m in key.lower() for m in SECRET_PROPERTY_MARKERS) else value)
-            for key, value in properties.items()}
+def scrub(text: str, properties: typing.Mapping[str, str]) -> str:
+    """text with every property value (but the bootstrap list) replaced by ***."""
+    for key, value in properties.items():
+        if key != "bootstrap.servers" and len(str(value)) >= 3:
+            text = text.replace(str(value), "***")
+    return text

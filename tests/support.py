@@ -157,6 +157,7 @@ class SockJSClient:
         self.pending: list[typing.Any] = []
         if transport == "websocket":
             self.ws = websocket.create_connection(f"ws://{host_port}{prefix}/{server}/{session}/websocket", timeout=10)
+            self.ws.settimeout(1)
         elif transport == "xhr_streaming":
             host, port = host_port.split(":")
             self.http = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -165,14 +166,24 @@ class SockJSClient:
             assert self.response.status == 200, self.response.status
             prelude = self.response.readline()
             assert prelude.strip() == b"h" * 2048
+            self.http.sock.settimeout(1)
         else:
             raise ValueError(transport)
         self._send_url = f"{base}{prefix}/{server}/{session}/xhr_send"
 
     def _frame(self) -> str:
+        """The next SockJS frame, or "" if none came within a second."""
         if self.transport == "websocket":
-            return self.ws.recv()
-        line = self.response.readline()
+            try:
+                return self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                return ""
+            except websocket.WebSocketConnectionClosedException:
+                raise SockJSClosed(0, "connection closed") from None
+        try:
+            line = self.response.readline()
+        except TimeoutError:
+            return ""
         if not line:
             raise SockJSClosed(0, "stream ended")
         return line.decode().rstrip("\n")

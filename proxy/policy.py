@@ -1,0 +1,161 @@
+"""Who may see what: merchant identity from a token and the per-topic visibility rules.
+
+This module is the only place that decides visibility; the CSV export and the live stream
+both ask it. The rules themselves are data (export.topics in config.yaml).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import typing
+from collections.abc import Iterable, Iterator, Mapping
+
+import yaml
+
+if typing.TYPE_CHECKING:
+    from proxy.config import ExportConfig, TopicExportConfig
+
+# The export rules used when the configuration declares none (no export.topics section).
+# Kept in sync with the commented defaults in config.yaml.
+DEFAULT_EXPORT_RULES: dict[str, dict[str, typing.Any]] = yaml.safe_load("""
+marketSituation:
+  policy: public
+  flatten: offers
+  parent_fields: {timestamp: timestamp, triggering_merchant_id: merchant_id, trigger: trigger}
+  columns: [timestamp, triggering_merchant_id, trigger, offer_id, uid, product_id, quality,
+            merchant_id, amount, price, shipping_time_standard, shipping_time_prime, prime]
+buyOffer:
+  policy: owner
+  columns: [offer_id, uid, product_id, quality, price, amount, merchant_id, left_in_stock,
+            consumer_id, http_code, timestamp]
+addOffer:
+  policy: owner
+  drop_columns: [signature]
+  columns: [offer_id, uid, product_id, quality, merchant_id, amount, price,
+            shipping_time_standard, shipping_time_prime, prime, http_code, timestamp]
+updateOffer:
+  policy: owner
+  columns: [offer_id, uid, product_id, quality, merchant_id, amount, price,
+            shipping_time_standard, shipping_time_prime, prime, http_code, timestamp]
+profit: {policy: owner, columns: [merchant_id, profit, timestamp]}
+profitPerMinute: {policy: owner, columns: [merchant_id, profit, timestamp]}
+profitPerHour: {policy: owner, columns: [merchant_id, profit, timestamp]}
+revenuePerMinute: {policy: owner, columns: [merchant_id, revenue, timestamp]}
+revenuePerHour: {policy: owner, columns: [merchant_id, revenue, timestamp]}
+cumulativeRevenue: {policy: owner, columns: [merchant_id, revenue, timestamp]}
+cumulativeAmountBasedMarketshare: {policy: owner, columns: [merchant_id, marketshare, timestamp]}
+cumulativeRevenueBasedMarketshare: {policy: owner, columns: [merchant_id, marketshare, timestamp]}
+inventory_level: {policy: owner, columns: [merchant_id, level, timestamp]}
+updates: {policy: owner_or_unowned}
+salesPerMinutes: {policy: owner_or_unowned}
+""")
+
+OWNER_FIELD = "merchant_id"
+
+
+def merchant_id_for(token: str) -> str:
+    """A merchant's public id: base64 (standard alphabet, padded) of sha256 of its token."""
+    return base64.b64encode(hashlib.sha256(token.encode("utf-8")).digest()).decode("ascii")
+
+
+def token_from_authorization(header: str | None) -> str | None:
+    """The token of an Authorization header ("Token t", "Bearer t" or a bare "t"); None if blank."""
+    if header is None:
+        return None
+    parts = header.split()
+    if len(parts) == 1 and parts[0].lower() not in ("token", "bearer"):
+        return parts[0]
+    if len(parts) == 2 and parts[0].lower() in ("token", "bearer"):
+        return parts[1]
+    # Blank, a scheme without a token, or anything else (e.g. Basic credentials): no token.
+    return None
+
+
+def default_topic_rules() -> dict[str, TopicExportConfig]:
+    """DEFAULT_EXPORT_RULES as typed per-topic settings (a fresh copy each call)."""
+    # Imported here, not at the top, so proxy.config may itself use this function as a default.
+    from proxy.config import TopicExportConfig
+
+    return {topic: TopicExportConfig(**copy.deepcopy(rules)) for topic, rules in DEFAULT_EXPORT_RULES.items()}
+
+
+class VisibilityPolicy:
+    """Decides, per topic and merchant, which messages and CSV rows a merchant may see."""
+
+    def __init__(self, topics: Mapping[str, TopicExportConfig] | None = None):
+        # A configuration without any export rules gets the defaults, never "export nothing".
+        self._rules: dict[str, TopicExportConfig] = dict(topics) if topics else default_topic_rules()
+
+    @classmethod
+    def from_config(cls, export: ExportConfig) -> VisibilityPolicy:
+        return cls(export.topics)
+
+    def is_exportable(self, topic: str) -> bool:
+        return topic in self._rules
+
+    def exportable_topics(self) -> list[str]:
+        """Exportable topics in configuration order."""
+        return list(self._rules)
+
+    def columns(self, topic: str) -> list[str] | None:
+        """The declared CSV columns of a topic without its dropped ones; None: infer them."""
+        rules = self._rules.get(topic)
+        if rules is None or rules.columns is None:
+            return None
+        return [column for column in rules.columns if column not in rules.drop_columns]
+
+    def is_visible(self, topic: str, message: Mapping[str, typing.Any], merchant_id: str | None) -> bool:
+        """Whether the merchant may see this message at all (None: an anonymous reader)."""
+        rules = self._rules.get(topic)
+        if rules is None or not isinstance(message, Mapping):
+            return False
+        if rules.policy == "public":
+            return True
+        owner = message.get(OWNER_FIELD)
+        if rules.policy == "owner_or_unowned" and owner is None:
+            return True
+        # "owner", or an owned message under "owner_or_unowned". Anything unknown sees nothing.
+        return rules.policy in ("owner", "owner_or_unowned") and merchant_id is not None and owner == merchant_id
+
+    def visible_message(
+        self, topic: str, message: Mapping[str, typing.Any], merchant_id: str | None
+    ) -> dict[str, typing.Any] | None:
+        """The message as the merchant may see it (private fields dropped), or None if hidden."""
+        if not self.is_visible(topic, message, merchant_id):
+            return None
+        rules = self._rules[topic]
+        visible = _without(message, rules.drop_columns)
+        items = visible.get(rules.flatten) if rules.flatten else None
+        if rules.drop_columns and isinstance(items, list):
+            visible[rules.flatten] = [_without(item, rules.drop_columns) if isinstance(item, Mapping) else item
+                                      for item in items]
+        return visible
+
+    def visible_rows(
+        self, topic: str, message: Mapping[str, typing.Any], merchant_id: str | None
+    ) -> Iterator[dict[str, typing.Any]]:
+        """The CSV rows of one message the merchant may see: none, the message, or its flattened list."""
+        visible = self.visible_message(topic, message, merchant_id)
+        if visible is None:
+            return
+        rules = self._rules[topic]
+        if not rules.flatten:
+            yield visible
+            return
+        items = visible.get(rules.flatten)
+        if not isinstance(items, list):
+            return
+        parent = {column: visible.get(field) for column, field in rules.parent_fields.items()}
+        for item in items:
+            if isinstance(item, Mapping):
+                # Parent fields come first and, being configured explicitly, win over an item's own key.
+                row = dict(parent)
+                row.update((key, value) for key, value in item.items() if key not in parent)
+                yield row
+
+
+def _without(message: Mapping[str, typing.Any], keys: Iterable[str]) -> dict[str, typing.Any]:
+    dropped = set(keys)
+    return {key: value for key, value in message.items() if key not in dropped}

@@ -1,0 +1,140 @@
+"""Running the proxy as a service: shutdown, metrics, secrets, broker outages, bad settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from proxy.broker import TansuBroker
+from tests.support import REPO, SockJSClosed, produce, unique_topics, wait_until
+
+
+def test_sigterm_closes_sessions_with_3000_and_exits_0_within_10_seconds(broker, start_proxy, sockjs):
+    (topic,) = unique_topics("shutdown")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    clients = [sockjs(proxy.base, "websocket"), sockjs(proxy.base, "xhr_streaming")]
+    for client in clients:
+        client.receive(1)
+
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    closes = []
+    for client in clients:
+        with pytest.raises(SockJSClosed) as closed:
+            client.receive(1, timeout=10)
+        closes.append(closed.value.args)
+    exit_code = proxy.process.wait(10)
+    elapsed = time.monotonic() - started
+
+    assert closes == [(3000, "server shutting down")] * 2
+    assert exit_code == 0
+    assert elapsed < 10
+
+
+def test_metrics_are_served_in_prometheus_format(broker, start_proxy, sockjs):
+    (topic,) = unique_topics("metrics")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    client = sockjs(proxy.base)
+    client.receive(1)
+    produce(broker.bootstrap_servers, topic, [{"n": 1}, b"junk", {"n": 2, "http_code": 500}])
+    client.receive(1)
+
+    status, text, headers = proxy.get("/metrics")
+
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert f'proxy_messages_consumed_total{{topic="{topic}"}} 3.0' in text
+    assert f'proxy_messages_skipped_total{{reason="invalid_json",topic="{topic}"}} 1.0' in text
+    assert f'proxy_messages_skipped_total{{reason="failed_request",topic="{topic}"}} 1.0' in text
+    assert 'proxy_live_sessions{transport="websocket"} 1.0' in text
+    assert f'proxy_history_messages{{topic="{topic}"}} 1.0' in text
+    for name in ("proxy_messages_delivered_total", "proxy_slow_sessions_dropped_total",
+                 "proxy_export_requests_total", "proxy_export_duration_seconds", "proxy_export_rows_total",
+                 "proxy_consumer_lag_messages", "proxy_data_folder_bytes", "proxy_http_requests_total"):
+        assert f"# TYPE {name}" in text
+
+
+def test_secrets_from_the_environment_never_appear_in_logs_or_answers(start_proxy):
+    secret = "Sup3r-S3cret-Passw0rd-" + os.urandom(4).hex()
+    with TansuBroker() as own_broker:
+        proxy = start_proxy(own_broker.bootstrap_servers, {
+            "topics": ["t"],
+            "log_level": "DEBUG",
+            "kafka": {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanisms": "PLAIN",
+                      "sasl.username": "merchant", "sasl.password": "${PROXY_TEST_SASL_PASSWORD}"},
+        }, wait_healthy=False, env={"PROXY_TEST_SASL_PASSWORD": secret})
+        # The broker does not speak SASL: the proxy reports it is degraded, with a reason.
+        wait_until(lambda: proxy.get("/health")[1].get("status") == "degraded", 30, message="degraded")
+        answers = [str(proxy.get(path)) for path in ("/health", "/health?verbose=1", "/status", "/metrics")]
+        proxy.stop()
+    assert all(secret not in answer for answer in answers)
+    assert secret not in proxy.log()
+
+
+def test_a_secret_in_an_invalid_kafka_setting_is_not_echoed(tmp_path):
+    secret = "Another-S3cret-" + os.urandom(4).hex()
+    config = tmp_path / "config.yaml"
+    config.write_text("kafka:\n  security.protocol: ${PROXY_TEST_SECRET}\n")
+    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--kafka-url", "127.0.0.1:9"],
+                            cwd=REPO, capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, PROXY_TEST_SECRET=secret))
+    assert result.returncode == 2
+    assert "security.protocol" in result.stderr
+    assert secret not in result.stderr + result.stdout
+
+
+def test_clients_survive_a_broker_restart_and_get_messages_produced_after_it(start_proxy, sockjs):
+    with TansuBroker() as own_broker:
+        own_broker.create_topics(["sales"])
+        produce(own_broker.bootstrap_servers, "sales", [{"before": i} for i in range(10)])
+        proxy = start_proxy(own_broker.bootstrap_servers, {"topics": ["sales"]})
+        client = sockjs(proxy.base)
+        assert len(client.receive(1)[0]["messages"]) == 10
+
+        own_broker.stop()
+        wait_until(lambda: proxy.get("/health")[1]["status"] == "degraded", 30, message="degraded")
+        # History is still served while the broker is away.
+        assert len(sockjs(proxy.base).receive(1)[0]["messages"]) == 10
+
+        own_broker.start()  # same port, empty: offsets are out of range now
+        own_broker.create_topics(["sales"])
+        produce(own_broker.bootstrap_servers, "sales", [{"after": i} for i in range(3)])
+
+        messages = client.receive(3, timeout=40)
+        assert [m["message"]["value"] for m in messages] == [{"after": i} for i in range(3)]
+        wait_until(lambda: proxy.get("/health")[0] == 200, 30, message="healthy again")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("listen:\n  port: eighty\n", "'listen.port' must be an integer"),
+    ("topcs: [a]\n", "unknown key 'topcs'"),
+    ("history_size: [1]\n", "'history_size' must be an integer"),
+    ("topics: [a\n", "not valid YAML"),
+])
+def test_bad_config_exits_2_naming_the_key_and_file(tmp_path, content, fragment):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--kafka-url", "127.0.0.1:9"],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert fragment in result.stderr and str(config) in result.stderr
+
+
+def test_unreadable_config_and_missing_kafka_url_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_URL"}
+    env["PYTHONPATH"] = REPO
+    missing = subprocess.run([sys.executable, "-m", "proxy", "--config", str(tmp_path / "nope.yaml")],
+                             cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr
+
+    # No config.yaml in the working directory, no --kafka-url, no KAFKA_URL.
+    no_url = subprocess.run([sys.executable, "-m", "proxy"], cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=30, env=env)
+    assert no_url.returncode == 2
+    assert no_url.stderr.count("\n") == 1 and "--kafka-url" in no_url.stderr
