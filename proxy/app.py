@@ -13,8 +13,10 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
-from proxy import http_api, metrics
+from proxy import export_api, http_api, metrics
 from proxy.config import TRANSPORTS, Config
+from proxy.data_folder import DataFolder
+from proxy.export import ExportService
 from proxy.ingest import KafkaIngest
 from proxy.live import SHUTDOWN_CLOSE, LiveHub
 from proxy.policy import merchant_id_for, token_from_authorization
@@ -36,6 +38,8 @@ class ProxyServer:
         self.http_server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self.systemd = SystemdNotifier()
+        self.data_folder = DataFolder(config.data_dir, config.export.retention, config.export.max_bytes)
+        self.exports = ExportService.from_config(config, self.data_folder)
 
     def make_app(self) -> tornado.web.Application:
         """Every URL the service has, in one list."""
@@ -57,6 +61,9 @@ class ProxyServer:
             (r"/status/?", http_api.StatusHandler, dict(common, hub=self.hub, ingest=self.ingest)),
             (r"/health/?", http_api.HealthHandler, dict(common, ingest=self.ingest)),
             (r"/metrics/?", http_api.MetricsHandler),
+            (r"/+export/+data/*", export_api.ExportHandler, dict(common, service=self.exports)),
+            (r"/+export/+data/+([^/]+)/*", export_api.ExportHandler, dict(common, service=self.exports)),
+            (r"/+data/+(.*)", export_api.DataFileHandler, dict(common, path=config.data_dir)),
             *sockjs_routes,
             (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
             (r"/()", tornado.web.StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
@@ -73,6 +80,7 @@ class ProxyServer:
         loop = tornado.ioloop.IOLoop.current()
         self.ingest = KafkaIngest(self.config, self._history_loaded, self.hub.publish, loop.add_callback,
                                   wants_every_message=lambda: self.hub.session_count() > 0)
+        self.data_folder.start(self.config.export.sweep_interval)
         app = self.make_app()
         self.http_server = tornado.httpserver.HTTPServer(app, xheaders=True)
         sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address)
@@ -94,6 +102,8 @@ class ProxyServer:
         if self.http_server is not None:
             self.http_server.stop()
         self.hub.close_all(*SHUTDOWN_CLOSE)
+        await self.exports.cancel_all()
+        self.data_folder.stop()
         # IOStream writes go to the kernel at once when they can; one short pause lets the
         # rest of the close frames out before the sockets are torn down.
         await asyncio.sleep(0.1)

@@ -48,13 +48,20 @@ class TopicExportConfig:
     parent_fields: dict[str, str] = field(default_factory=dict)
 
 
+def _default_export_topics() -> dict[str, TopicExportConfig]:
+    # The rules live with the policy that applies them (proxy.policy.DEFAULT_EXPORT_RULES).
+    from proxy.policy import default_topic_rules
+
+    return default_topic_rules()
+
+
 @dataclass
 class ExportConfig:
     max_concurrent: int = 2
     retention: float = 3600.0
     max_bytes: int = 1024 ** 3
     sweep_interval: float = 60.0
-    topics: dict[str, TopicExportConfig] = field(default_factory=dict)
+    topics: dict[str, TopicExportConfig] = field(default_factory=_default_export_topics)
 
 
 @dataclass

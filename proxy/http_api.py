@@ -35,15 +35,18 @@ class JsonHandler(tornado.web.RequestHandler):
         self.cors_origins = cors_origins
         for name, value in kwargs.items():
             setattr(self, name, value)
+        # Tornado sets the default headers before initialize(): again, now that the origins are known.
+        self.clear()
 
     def set_default_headers(self) -> None:
         origins = getattr(self, "cors_origins", ("*",))
         origin = self.request.headers.get("Origin")
         if "*" in origins:
             self.set_header("Access-Control-Allow-Origin", "*")
-        elif origin and origin in origins:
-            self.set_header("Access-Control-Allow-Origin", origin)
+        else:
             self.set_header("Vary", "Origin")
+            if origin and origin in origins:
+                self.set_header("Access-Control-Allow-Origin", origin)
         self.set_header("Access-Control-Expose-Headers", "Retry-After, Content-Disposition, ETag")
 
     def options(self, *args: typing.Any) -> None:

@@ -116,7 +116,9 @@ class LiveConnection(SockJSConnection):
         self.hub.subscribe(self, [t for t in self.hub.topics if t in topics])
 
     def on_close(self) -> None:
-        metrics.LIVE_SESSIONS.labels(self.transport).dec()
+        transport = getattr(self, "transport", None)  # None: closed before it was opened
+        if transport is not None:
+            metrics.LIVE_SESSIONS.labels(transport).dec()
         self.hub.remove(self)
 
     def send_error(self, error: str) -> None:

@@ -1,0 +1,136 @@
+"""The folder of export files: their names, and a sweeper that enforces retention and a size cap."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import secrets
+import time
+
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from proxy.metrics import DATA_FOLDER_BYTES
+
+log = logging.getLogger(__name__)
+
+# <topic>-<UTC time>-<32 hex chars>.csv. The random part is what keeps a file private: /data
+# asks for no token, so a name must be unguessable.
+EXPORT_FILE_NAME = re.compile(r"[A-Za-z0-9._-]+-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{32}\.csv")
+# An export being written. The leading dot and the suffix keep it out of EXPORT_FILE_NAME,
+# so /data never serves a partial file.
+TEMPORARY_FILE_NAME = re.compile(r"\.tmp-[0-9a-f]{32}\.csv\.part")
+
+
+def is_export_file_name(name: str) -> bool:
+    """Whether name is a finished export file (the only names /data serves)."""
+    return EXPORT_FILE_NAME.fullmatch(name) is not None
+
+
+class DataFolder:
+    """The data folder: names new export files and deletes old ones (retention, size cap)."""
+
+    def __init__(self, path: str, retention_seconds: float, max_bytes: int):
+        self.path = path
+        self.retention_seconds = retention_seconds
+        self.max_bytes = max_bytes
+        self._periodic: PeriodicCallback | None = None
+        self._sweeping = False
+
+    def new_export_name(self, label: str) -> str:
+        """A fresh, unguessable export file name; label is the topic (or "all")."""
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return f"{label}-{now}-{secrets.token_hex(16)}.csv"
+
+    def new_temporary_path(self) -> str:
+        return os.path.join(self.path, f".tmp-{secrets.token_hex(16)}.csv.part")
+
+    def export_files(self) -> list[tuple[str, float, int]]:
+        """(name, mtime, size) of every finished export file, oldest first."""
+        files = []
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not is_export_file_name(entry.name):
+                continue
+            try:
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # deleted meanwhile by another sweep
+                continue
+            files.append((entry.name, stat.st_mtime, stat.st_size))
+        files.sort(key=lambda file: (file[1], file[0]))
+        return files
+
+    def total_bytes(self) -> int:
+        return sum(size for _, _, size in self.export_files())
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Delete files older than the retention, then the oldest while over max_bytes; return their names.
+
+        The newest file is never deleted for size, so a URL just handed out stays valid.
+        """
+        now = time.time() if now is None else now
+        files = self.export_files()
+        expired = [file for file in files if now - file[1] > self.retention_seconds]
+        kept = [file for file in files if now - file[1] <= self.retention_seconds]
+        total = sum(size for _, _, size in kept)
+        oversize = []
+        while total > self.max_bytes and len(kept) > 1:
+            oldest = kept.pop(0)
+            oversize.append(oldest)
+            total -= oldest[2]
+        removed = [name for name, _, _ in expired + oversize if self._remove(name)]
+        if removed:
+            log.info("data folder sweep removed %d file(s) (%d expired, %d over the size cap), %d bytes left",
+                     len(removed), len(expired), len(oversize), total)
+        DATA_FOLDER_BYTES.set(total)
+        return removed
+
+    def remove_temporary_files(self) -> int:
+        """Delete the partial files a crash left behind (only at start-up: running exports own theirs)."""
+        try:
+            names = [entry.name for entry in os.scandir(self.path) if TEMPORARY_FILE_NAME.fullmatch(entry.name)]
+        except FileNotFoundError:
+            return 0
+        removed = sum(1 for name in names if self._remove(name))
+        if removed:
+            log.info("removed %d temporary export file(s) left by an earlier run", removed)
+        return removed
+
+    def start(self, interval: float) -> None:
+        """At start-up, before serving: create the folder, clean it, then sweep every interval seconds."""
+        os.makedirs(self.path, exist_ok=True)
+        self.remove_temporary_files()
+        self.sweep()
+        self._periodic = PeriodicCallback(self._sweep_in_background, interval * 1000)
+        self._periodic.start()
+
+    def stop(self) -> None:
+        if self._periodic is not None:
+            self._periodic.stop()
+            self._periodic = None
+
+    async def _sweep_in_background(self) -> None:
+        # Listing and deleting files blocks, so it runs off the IOLoop thread.
+        if self._sweeping:
+            return
+        self._sweeping = True
+        try:
+            await IOLoop.current().run_in_executor(None, self.sweep)
+        except OSError:
+            log.exception("data folder sweep failed")
+        finally:
+            self._sweeping = False
+
+    def _remove(self, name: str) -> bool:
+        try:
+            os.remove(os.path.join(self.path, name))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("cannot delete %s from the data folder: %s", name, exc.strerror)
+            return False

@@ -1,0 +1,145 @@
+"""HTTP handlers of the merchant CSV export: start an export, and serve the finished files."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import threading
+import typing
+
+import tornado.web
+
+from proxy.data_folder import is_export_file_name
+from proxy.export import (
+    ExportError,
+    ExportService,
+    MissingToken,
+    parse_limit,
+    parse_time,
+)
+from proxy.http_api import ApiError, JsonHandler
+from proxy.policy import merchant_id_for, token_from_authorization
+
+CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
+
+
+def wants_csv(accept: str | None) -> bool:
+    """Whether an Accept header asks for text/csv explicitly (*/* does not)."""
+    for media_range in (accept or "").split(","):
+        media_type, _, params = media_range.partition(";")
+        quality = re.search(r"(?:^|;)\s*q\s*=\s*([0-9.]+)", params)
+        if media_type.strip().lower() == "text/csv" and not (quality and _is_zero(quality.group(1))):
+            return True
+    return False
+
+
+def _is_zero(number: str) -> bool:
+    try:
+        return float(number) == 0
+    except ValueError:
+        return False
+
+
+def api_error(error: ExportError) -> ApiError:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Token"
+    return ApiError(error.status, error.message, headers)
+
+
+class ExportHandler(JsonHandler):
+    """GET /export/data[/<topic>]: the rows a merchant may see, as a file URL or streamed as CSV."""
+
+    service: ExportService
+
+    def initialize(self, service: ExportService, cors_origins: typing.Sequence[str] = ("*",)) -> None:
+        super().initialize(cors_origins=cors_origins, service=service)
+        # Tornado sets the default headers before initialize(): again, now that the origins are known.
+        self.clear()
+        self._client_gone = threading.Event()
+        self._streaming = False
+
+    def on_connection_close(self) -> None:
+        # The export stops and removes its temporary file instead of finishing for nobody.
+        self._client_gone.set()
+
+    async def get(self, topic: str | None = None) -> None:
+        topic = topic or None
+        try:
+            token = token_from_authorization(self.request.headers.get("Authorization"))
+            if token is None:
+                raise MissingToken("a token is required: send 'Authorization: Token <token>'")
+            merchant_id = merchant_id_for(token)
+            bounds = {"from_ms": parse_time("from", self.get_argument("from", None)),
+                      "to_ms": parse_time("to", self.get_argument("to", None)),
+                      "limit": parse_limit(self.get_argument("limit", None))}
+        except ExportError as exc:
+            self.service.record_rejected(topic, None, exc)
+            raise api_error(exc) from None
+        try:
+            if wants_csv(self.request.headers.get("Accept")):
+                await self.service.export_to_stream(topic, merchant_id, self._send_csv, cancelled=self._client_gone,
+                                                    **bounds)
+                return
+            result = await self.service.export_to_file(topic, merchant_id, cancelled=self._client_gone, **bounds)
+        except ExportError as exc:
+            if self._client_gone.is_set():
+                return  # nobody to answer
+            if self._streaming:
+                # The status line is long gone: cut the connection, so the client sees an
+                # incomplete transfer instead of a CSV that merely looks complete.
+                self.request.connection.close()
+                return
+            raise api_error(exc) from None
+        # The answer is the merchant's own: no shared cache may keep it.
+        self.set_header("Cache-Control", "no-store")
+        self.write_json({"url": f"data/{result.filename}"})
+
+    async def _send_csv(self, chunk: bytes) -> None:
+        if not self._streaming:
+            self._streaming = True
+            label = self.path_args[0] if self.path_args and self.path_args[0] else "all"
+            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            self.set_header("Content-Type", CSV_CONTENT_TYPE)
+            self.set_header("Content-Disposition", f'attachment; filename="{label}-{now}.csv"')
+            self.set_header("X-Content-Type-Options", "nosniff")
+            self.set_header("Cache-Control", "no-store")
+        self.write(chunk)
+        await self.flush()
+
+
+class DataFileHandler(tornado.web.StaticFileHandler):
+    """GET /data/<file>.csv: a finished export file (no token: the name is the secret)."""
+
+    # The same CORS headers, preflight and JSON errors as the API handlers.
+    set_default_headers = JsonHandler.set_default_headers
+    options = JsonHandler.options
+    write_error = JsonHandler.write_error
+
+    def initialize(self, path: str, cors_origins: typing.Sequence[str] = ("*",)) -> None:  # type: ignore[override]
+        super().initialize(path=path)
+        self.cors_origins = cors_origins
+        # Tornado sets the default headers before initialize(): again, now that the origins are known.
+        self.clear()
+
+    def parse_url_path(self, url_path: str) -> str:
+        # Only export file names are served: no directories, no "..", no temporary or hidden
+        # files, whatever the encoding. A 404 says nothing about what exists.
+        if not is_export_file_name(url_path):
+            raise ApiError(404, "no such file")
+        return url_path
+
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        try:
+            return super().validate_absolute_path(root, absolute_path)
+        except tornado.web.HTTPError as exc:
+            if exc.status_code in (403, 404):
+                raise ApiError(404, "no such file (exports are deleted after a while)") from None
+            raise
+
+    def get_content_type(self) -> str:
+        return CSV_CONTENT_TYPE
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Content-Disposition", f'attachment; filename="{path}"')
+        self.set_header("X-Content-Type-Options", "nosniff")
