@@ -21,6 +21,10 @@ EMPTY_INFERRED_HEADER = ("timestamp",)
 # tab and carriage return are on OWASP's list too).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# A merchant or consumer id (base64 of a SHA-256) starts with "+" one time in 64. Its alphabet has
+# no parentheses, so no spreadsheet function can hide in it, and merchants match rows by id:
+# an id must reach them unchanged.
+_MERCHANT_ID = re.compile(r"[A-Za-z0-9+/]{43}=")
 
 
 def csv_cell(value: typing.Any) -> str:
@@ -32,7 +36,7 @@ def csv_cell(value: typing.Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        if value.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(value):
+        if value.startswith(_FORMULA_STARTS) and not (_NUMBER.fullmatch(value) or _MERCHANT_ID.fullmatch(value)):
             return "'" + value
         return value
     if isinstance(value, (Mapping, list, tuple)):

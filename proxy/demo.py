@@ -29,13 +29,15 @@ def run_demo(config: Config) -> int:
     merchants = [Merchant.generate(f"merchant-{n}") for n in range(1, DEMO_MERCHANTS + 1)]
     simulator = MarketSimulator(broker.bootstrap_servers, merchants=merchants, rate=DEMO_RATE)
     config.kafka_url = broker.bootstrap_servers
+    # A demo is for this machine only.
+    config.listen.address = "127.0.0.1"
     server = ProxyServer(config)
     try:
         simulator.start()
 
         async def serve() -> None:
             await server.start()
-            shown = "127.0.0.1" if config.listen.address in ("0.0.0.0", "::") else config.listen.address
+            shown = config.listen.address
             lines = [
                 "",
                 f"Kafka reverse proxy demo: http://{shown}:{server.port}/",

@@ -44,7 +44,8 @@ def test_cells_keep_numbers_and_strings_and_spell_booleans_null_and_nesting(valu
 
 
 @pytest.mark.parametrize("value", ["=1+1", "=HYPERLINK(\"http://x\")", "+cmd", "-2+3", "@SUM(A1)", "-", "+",
-                                   "\tx", "\r=1", "+vLAIwHTf3zXqLi1rd/S9AjcOJFGHS2LwQN6p6V7nI="])
+                                   "\tx", "\r=1", "+vLAIwHTf3zXqLi1rd/S9AjcOJFGHS2LwQN6p6V7nI=x",
+                                   "+SUM(A1)+HYPERLINK(1)+aaaaaaaaaaaaaaaaaaaaaaaaaa="])
 def test_formula_like_strings_are_prefixed_with_a_quote(value: str) -> None:
     assert csv_cell(value) == "'" + value
 
@@ -54,15 +55,21 @@ def test_signed_numbers_written_as_strings_stay_numbers(value: str) -> None:
     assert csv_cell(value) == value
 
 
+@pytest.mark.parametrize("value", ["+KFxc7p6N6GbT8PPDtujnhp4FUSeq3cp3HwLumk2GlI=", "/9Qj3UKaNep4GpXXtKLFt8Y1hEMTH1KQd+p+wFwvt/I="])
+def test_merchant_ids_starting_with_plus_stay_unchanged_so_merchants_can_match_them(value: str) -> None:
+    assert csv_cell(value) == value
+
+
 @given(st.text())
 def test_a_string_cell_is_the_string_unless_it_could_run_as_a_formula(value: str) -> None:
     cell = csv_cell(value)
     if cell != value:
         assert value.startswith(FORMULA_STARTS) and cell == "'" + value
     if cell.startswith(FORMULA_STARTS):
-        # Only a plain signed number may start like a formula.
-        assert re.fullmatch(r"[+-][0-9.eE+-]+", cell)
-        float(cell)
+        # Only a plain signed number or a base64 id (no parentheses: no function) may start like a formula.
+        if not re.fullmatch(r"\+[A-Za-z0-9+/]{42}=", cell):
+            assert re.fullmatch(r"[+-][0-9.eE+-]+", cell)
+            float(cell)
 
 
 json_values = st.recursive(

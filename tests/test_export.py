@@ -58,7 +58,7 @@ def seeded_token(seed: int, id_starts_with: str | None = None) -> str:
             return token
 
 
-# Three merchants; one id starts with "+", which the CSV must guard as a would-be formula.
+# Three merchants; one id starts with "+", which the CSV must still show unchanged.
 TOKENS = ["ddObEKSew8sIa9aZvJrdSs78K5zVIuCvYaXlu0Rs8KBjUlJQ5B3W4AeOGetYZ6U7", seeded_token(1),
           seeded_token(2, id_starts_with="+")]
 MERCHANTS = [merchant_id_for(token) for token in TOKENS]
@@ -79,6 +79,8 @@ def expected_cell(value: typing.Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        if value in MERCHANTS or len(value) == 44 and value.endswith("=") and "(" not in value:
+            return value  # ids are base64: no function can hide in them, and they must match
         try:
             float(value)
             return value
