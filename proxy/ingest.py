@@ -210,10 +210,18 @@ class KafkaIngest:
 
     def _run(self, consumer: typing.Any) -> None:
         try:
-            partitions = self._wait_for_metadata(consumer)
-            if partitions is None:
-                return
-            self._load_history(consumer, partitions)
+            while True:
+                partitions = self._wait_for_metadata(consumer)
+                if partitions is None:
+                    return
+                try:
+                    self._load_history(consumer, partitions)
+                    break
+                except KafkaUnavailable as exc:
+                    # The broker went away in the middle of the load: start the load over.
+                    log.warning("Kafka unreachable while loading the history (%s); retrying", exc)
+                    self.last_error = str(exc)
+                    self.connected = False
             self._follow(consumer)
         except Exception:
             log.exception("Kafka ingest stopped by an unexpected error")
@@ -235,6 +243,7 @@ class KafkaIngest:
         """Partitions of the live topics, retrying with backoff while the broker is unreachable."""
         attempt = 0
         while not self._stop.is_set():
+            self._last_turn = time.monotonic()  # waiting for Kafka is progress, not a stall
             try:
                 partitions = kafka_client.list_partitions(consumer, timeout=5.0)
             except KafkaUnavailable as exc:
@@ -262,6 +271,7 @@ class KafkaIngest:
         small (Tansu) only makes us read more; the end is found by partition EOF events.
         """
         size = self.history_size
+        self._assigned.clear()
         assignment = []
         for topic, parts in partitions.items():
             for partition in parts:
