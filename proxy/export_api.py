@@ -54,8 +54,6 @@ class ExportHandler(JsonHandler):
 
     def initialize(self, service: ExportService, cors_origins: typing.Sequence[str] = ("*",)) -> None:
         super().initialize(cors_origins=cors_origins, service=service)
-        # Tornado sets the default headers before initialize(): again, now that the origins are known.
-        self.clear()
         self._client_gone = threading.Event()
         self._streaming = False
 
