@@ -18,7 +18,7 @@ from proxy.config import TRANSPORTS, Config
 from proxy.data_folder import DataFolder
 from proxy.export import ExportService
 from proxy.ingest import KafkaIngest
-from proxy.live import SHUTDOWN_CLOSE, LiveHub
+from proxy.live import SHUTDOWN_CLOSE, LiveHub, keep_freed_frames_in_heap
 from proxy.policy import merchant_id_for, token_from_authorization
 from proxy.systemd import SystemdNotifier
 
@@ -77,6 +77,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Start the consumer thread and listen; returns once the port is open."""
+        keep_freed_frames_in_heap()
         loop = tornado.ioloop.IOLoop.current()
         self.ingest = KafkaIngest(self.config, self._history_loaded, self.hub.publish, loop.add_callback,
                                   wants_every_message=lambda: self.hub.session_count() > 0)

@@ -24,7 +24,7 @@ class HistoryBuffer:
         self.size = size
         self._envelopes: collections.deque[str] = collections.deque(maxlen=size)
         self._topic_json = ujson.dumps(topic)
-        self._frame: str | None = None
+        self._frame: bytes | None = None
 
     def __len__(self) -> int:
         return len(self._envelopes)
@@ -45,10 +45,10 @@ class HistoryBuffer:
     def envelopes(self) -> list[str]:
         return list(self._envelopes)
 
-    def frame(self) -> str:
-        """The SockJS-quoted {"type": "history", ...} message, encoded once per change."""
+    def frame(self) -> bytes:
+        """The SockJS-quoted {"type": "history", ...} message (ASCII bytes), encoded once per change."""
         if self._frame is None:
             payload = '{"type":"history","topic":%s,"messages":[%s]}' % (
                 self._topic_json, ",".join(self._envelopes))
-            self._frame = sockjs_quote(payload)
+            self._frame = sockjs_quote(payload).encode()
         return self._frame

@@ -327,6 +327,10 @@ class KafkaIngest:
             self._last_turn = time.monotonic()
             # Take what is already queued without waiting; wait only when there is nothing.
             messages = consumer.consume(BATCH_SIZE, 0) or consumer.consume(1, POLL_TIMEOUT)
+            if len(messages) == 1:
+                # The wait ends at the first record of a fetch; the rest of the fetch came with
+                # it. Without this, every other batch the IOLoop fans out is a single record.
+                messages += consumer.consume(BATCH_SIZE - 1, 0)
             if messages:
                 batch: list[typing.Any] = []
                 # Counting in C (map) instead of per record in Python: this loop is the ingest

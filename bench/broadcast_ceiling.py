@@ -1,0 +1,84 @@
+"""The delivery ceiling: a bare Tornado websocket server that streams pre-encoded SockJS frames.
+
+No Kafka, no JSON work, no queues: each connection gets "o", then the same kind of frames the
+proxy sends (real envelopes, SockJS-quoted, `--per-frame` messages each) back to back, one write
+in flight at a time. What the load clients count from it is what Tornado, loopback and the
+clients can move on this machine; the proxy cannot deliver more.
+
+    python bench/broadcast_ceiling.py --port PORT --per-frame 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import tornado.web
+import tornado.websocket
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.producer import realistic_values  # noqa: E402
+from proxy.history import sockjs_quote  # noqa: E402
+
+FRAME_VARIANTS = 16
+
+
+def sockjs_frames(per_frame: int, topic: str = "bench-live") -> list[str]:
+    """SockJS frames of per_frame live messages, in the shape LiveHub.publish gives them."""
+    values = realistic_values(per_frame * FRAME_VARIANTS)
+    messages = [sockjs_quote('{"type":"message","topic":"%s","message":{"topic":"%s","partition":0,"offset":%d,'
+                             '"timestamp":%d,"value":%s}}' % (topic, topic, offset, 1_700_000_000_000 + offset,
+                                                               value.decode()))
+                for offset, value in enumerate(values)]
+    return ["a[" + ",".join(messages[i:i + per_frame]) + "]" for i in range(0, len(messages), per_frame)]
+
+
+class BroadcastHandler(tornado.websocket.WebSocketHandler):
+    """Writes the next frame as soon as the previous one is in the socket."""
+
+    frames: list[str] = []
+
+    def check_origin(self, origin: str) -> bool:
+        return True
+
+    def open(self, *args: str) -> None:
+        self.sent = 0
+        self.write_message("o")
+        self.pump()
+
+    def pump(self, future: asyncio.Future | None = None) -> None:
+        if future is not None and future.exception() is not None:
+            return
+        try:
+            written = self.write_message(self.frames[self.sent % len(self.frames)])
+        except tornado.websocket.WebSocketClosedError:
+            return
+        self.sent += 1
+        written.add_done_callback(self.pump)
+
+
+async def serve(port: int, per_frame: int) -> None:
+    BroadcastHandler.frames = sockjs_frames(per_frame)
+    app = tornado.web.Application([(r"/live/([^/]+)/([^/]+)/websocket", BroadcastHandler)])
+    server = app.listen(port, "127.0.0.1")
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    print("READY", flush=True)
+    await stopped.wait()
+    server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--per-frame", type=int, default=100, help="messages per SockJS frame")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.per_frame))
+
+
+if __name__ == "__main__":
+    main()
