@@ -68,7 +68,10 @@ class LiveSession(Session):
             return
         self._chunks.append(chunk)
         self._queued_bytes += len(chunk)
-        if self._queued_bytes > self._max_queue_bytes and not self._write_finished_meanwhile():
+        # Only data that waits behind an unfinished write counts against the client: a big batch
+        # into an idle session goes out on the next turn whatever its size.
+        if (self._queued_bytes > self._max_queue_bytes and self._blocked()
+                and not self._write_finished_meanwhile()):
             log.warning("closing slow session %s (%d bytes queued)", self.session_id, self._queued_bytes)
             metrics.SLOW_SESSIONS_DROPPED.inc()
             self._chunks, self._queued_bytes = [], 0
@@ -103,6 +106,11 @@ class LiveSession(Session):
             # HTTP streaming/polling transports mark themselves inactive until the write is
             # flushed, then call flush() again.
             handler.send_pack(frame.decode())
+
+    def _blocked(self) -> bool:
+        """Whether a write is in flight, or no transport is attached (a poller between requests)."""
+        handler = self.handler
+        return self._writing or handler is None or not handler.active
 
     def _write_finished_meanwhile(self) -> bool:
         """Whether the write in flight has in fact reached the socket, with only its callback

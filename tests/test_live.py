@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from proxy.broker import TansuBroker, free_port
@@ -196,3 +198,23 @@ def test_topics_status_and_unknown_routes_answer_json(broker, start_proxy):
     assert status[topics[1]] == {"buffered": 0, "last_message": None, "consumed": 0, "skipped": {}}
     code, body, headers = proxy.get("/nowhere")
     assert code == 404 and "error" in body and headers["Content-Type"].startswith("application/json")
+
+
+def test_a_client_that_stops_reading_is_closed_and_costs_the_others_nothing(broker, start_proxy, sockjs):
+    (topic,) = unique_topics("flood")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {"max_session_queue_bytes": 1_000_000}})
+    reader = sockjs(proxy.base)
+    stalled = sockjs(proxy.base)
+    stalled.ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads again
+    reader.receive(1)
+
+    padding = "x" * 1000
+    # 20 MB in steps the reading client keeps up with; the stalled one must absorb all of it.
+    for step in range(100):
+        numbers = range(step * 200, (step + 1) * 200)
+        produce(broker.bootstrap_servers, topic, [{"n": n, "pad": padding} for n in numbers])
+        assert [m["message"]["value"]["n"] for m in reader.receive(200, timeout=20)] == list(numbers)
+    wait_until(lambda: "proxy_slow_sessions_dropped_total 1.0" in proxy.get("/metrics")[1], 20,
+               message="the stalled session to be closed")
+    assert proxy.get("/status")[1]["sessions"] == 1
