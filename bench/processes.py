@@ -10,7 +10,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, REPO)
 
+from proxy.broker import terminate  # noqa: E402
 from tests import support  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -38,14 +38,7 @@ def cpu_seconds(pid: int) -> float:
 
 def stop(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
     """SIGTERM this one process, then SIGKILL it if it lingers."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    terminate(process, timeout)
 
 
 class ProxyProcess(support.ProxyProcess):

@@ -32,6 +32,20 @@ def _die_with_parent() -> None:
         pass
 
 
+def terminate(process: subprocess.Popen | None, timeout: float = 5.0) -> int | None:
+    """SIGTERM one process we started, SIGKILL it if it lingers; returns its exit code."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 class BrokerError(RuntimeError):
     """The embedded broker could not be found, started or reached."""
 
@@ -118,14 +132,7 @@ class TansuBroker:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL); its data is gone afterwards."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, timeout)
 
     def restart(self, timeout: float = 20.0) -> None:
         """Stop and start again on the same port (comes back empty: memory storage)."""

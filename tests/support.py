@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import websocket
 import yaml
 from confluent_kafka import Producer
 
-from proxy.broker import free_port
+from proxy.broker import free_port, terminate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,16 +107,7 @@ class ProxyProcess:
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit; returns the exit code."""
         process, self.process = self.process, None
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return terminate(process, timeout)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, typing.Any, dict[str, str]]:
         """GET path → (status, decoded JSON body or raw text, headers)."""
