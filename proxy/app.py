@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import typing
 
@@ -24,6 +25,9 @@ from proxy.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
+SECRET_IN_PATH = re.compile(r"[0-9a-f]{32}")
+# Shutdown waits this long for exports to stop; one stuck in a Kafka call has no file to remove yet.
+EXPORT_CANCEL_TIMEOUT = 3.0
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
@@ -60,13 +64,13 @@ class ProxyServer:
             (r"/topics/?", http_api.TopicsHandler, dict(common, hub=self.hub)),
             (r"/status/?", http_api.StatusHandler, dict(common, hub=self.hub, ingest=self.ingest)),
             (r"/health/?", http_api.HealthHandler, dict(common, ingest=self.ingest)),
-            (r"/metrics/?", http_api.MetricsHandler),
+            (r"/metrics/?", http_api.MetricsHandler, common),
             (r"/+export/+data/*", export_api.ExportHandler, dict(common, service=self.exports)),
             (r"/+export/+data/+([^/]+)/*", export_api.ExportHandler, dict(common, service=self.exports)),
             (r"/+data/+(.*)", export_api.DataFileHandler, dict(common, path=config.data_dir)),
             *sockjs_routes,
-            (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
-            (r"/()", tornado.web.StaticFileHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+            (r"/static/(.*)", http_api.JsonStaticFileHandler, dict(common, path=STATIC_DIR)),
+            (r"/()", http_api.JsonStaticFileHandler, dict(common, path=STATIC_DIR, default_filename="index.html")),
         ]
         return tornado.web.Application(
             routes,
@@ -103,7 +107,10 @@ class ProxyServer:
         if self.http_server is not None:
             self.http_server.stop()
         self.hub.close_all(*SHUTDOWN_CLOSE)
-        await self.exports.cancel_all()
+        try:
+            await asyncio.wait_for(self.exports.cancel_all(), EXPORT_CANCEL_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("exports still running after %.0fs; stopping anyway", EXPORT_CANCEL_TIMEOUT)
         self.data_folder.stop()
         # IOStream writes go to the kernel at once when they can; one short pause lets the
         # rest of the close frames out before the sockets are torn down.
@@ -136,8 +143,10 @@ class ProxyServer:
         request = handler.request
         route = type(handler).__name__
         metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
+        # An export file's name is the only key to it: never write it to the log.
+        path = SECRET_IN_PATH.sub("<secret>", request.path) if route == "DataFileHandler" else request.path
         fields = {
-            "method": request.method, "path": request.path, "status": status,
+            "method": request.method, "path": path, "status": status,
             "duration_ms": round(1000.0 * request.request_time(), 1), "remote": request.remote_ip,
             "route": route,
         }

@@ -9,7 +9,7 @@ import os
 import sys
 import typing
 
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, kafka_properties, load_config
 
 USAGE_HINT = ("no Kafka to read from: pass --kafka-url HOST:PORT, set KAFKA_URL or kafka_url in "
               "config.yaml, or try --demo")
@@ -48,6 +48,11 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
     if not config.kafka_url:
         print(f"kafka-reverse-proxy: {USAGE_HINT}", file=sys.stderr)
         return 2
+    try:
+        kafka_properties(config)  # a ${VAR} that is not set is a configuration error
+    except ConfigError as exc:
+        print(f"kafka-reverse-proxy: bad configuration: {args.config}: {exc}", file=sys.stderr)
+        return 2
     return run(config)
 
 
@@ -62,7 +67,7 @@ def run(config: typing.Any) -> int:
         print(f"kafka-reverse-proxy: bad configuration: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"kafka-reverse-proxy: cannot listen on {config.listen.address}:{config.listen.port}: {exc.strerror}",
-              file=sys.stderr)
+        # Binding the port or creating the data folder.
+        print(f"kafka-reverse-proxy: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import threading
 import typing
@@ -17,7 +18,7 @@ from proxy.export import (
     parse_limit,
     parse_time,
 )
-from proxy.http_api import ApiError, JsonHandler
+from proxy.http_api import ApiError, JsonHandler, JsonStaticFileHandler
 from proxy.policy import merchant_id_for, token_from_authorization
 
 CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
@@ -54,12 +55,15 @@ class ExportHandler(JsonHandler):
 
     def initialize(self, service: ExportService, cors_origins: typing.Sequence[str] = ("*",)) -> None:
         super().initialize(cors_origins=cors_origins, service=service)
-        self._client_gone = threading.Event()
+        # Set when the client goes away, and by the service on shutdown: either stops the export.
+        self._cancelled = threading.Event()
+        self._client_gone = False
         self._streaming = False
 
     def on_connection_close(self) -> None:
         # The export stops and removes its temporary file instead of finishing for nobody.
-        self._client_gone.set()
+        self._client_gone = True
+        self._cancelled.set()
 
     async def get(self, topic: str | None = None) -> None:
         topic = topic or None
@@ -76,12 +80,12 @@ class ExportHandler(JsonHandler):
             raise api_error(exc) from None
         try:
             if wants_csv(self.request.headers.get("Accept")):
-                await self.service.export_to_stream(topic, merchant_id, self._send_csv, cancelled=self._client_gone,
+                await self.service.export_to_stream(topic, merchant_id, self._send_csv, cancelled=self._cancelled,
                                                     **bounds)
                 return
-            result = await self.service.export_to_file(topic, merchant_id, cancelled=self._client_gone, **bounds)
+            result = await self.service.export_to_file(topic, merchant_id, cancelled=self._cancelled, **bounds)
         except ExportError as exc:
-            if self._client_gone.is_set():
+            if self._client_gone:
                 return  # nobody to answer
             if self._streaming:
                 # The status line is long gone: cut the connection, so the client sees an
@@ -106,19 +110,8 @@ class ExportHandler(JsonHandler):
         await self.flush()
 
 
-class DataFileHandler(tornado.web.StaticFileHandler):
+class DataFileHandler(JsonStaticFileHandler):
     """GET /data/<file>.csv: a finished export file (no token: the name is the secret)."""
-
-    # The same CORS headers, preflight and JSON errors as the API handlers.
-    set_default_headers = JsonHandler.set_default_headers
-    options = JsonHandler.options
-    write_error = JsonHandler.write_error
-
-    def initialize(self, path: str, cors_origins: typing.Sequence[str] = ("*",)) -> None:  # type: ignore[override]
-        super().initialize(path=path)
-        self.cors_origins = cors_origins
-        # Tornado sets the default headers before initialize(): again, now that the origins are known.
-        self.clear()
 
     def parse_url_path(self, url_path: str) -> str:
         # Only export file names are served: no directories, no "..", no temporary or hidden
@@ -134,6 +127,13 @@ class DataFileHandler(tornado.web.StaticFileHandler):
             if exc.status_code in (403, 404):
                 raise ApiError(404, "no such file (exports are deleted after a while)") from None
             raise
+
+    @classmethod
+    def get_content_version(cls, abspath: str) -> str:
+        # Export files never change after their rename, so size and mtime identify them; the
+        # default hashes the whole file on the IOLoop (and gives up beyond 64 MiB).
+        stat = os.stat(abspath)
+        return f"{stat.st_size:x}-{stat.st_mtime_ns:x}"
 
     def get_content_type(self) -> str:
         return CSV_CONTENT_TYPE

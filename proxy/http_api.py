@@ -129,9 +129,24 @@ class HealthHandler(JsonHandler):
         self.write_json(body, 200 if state == "ok" else 503)
 
 
-class MetricsHandler(tornado.web.RequestHandler):
+class MetricsHandler(JsonHandler):
     """GET /metrics: Prometheus text exposition of the proxy's metrics."""
 
     def get(self) -> None:
         self.set_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
         self.finish(prometheus_client.generate_latest(metrics.REGISTRY))
+
+
+class JsonStaticFileHandler(tornado.web.StaticFileHandler):
+    """Static files with the API's CORS headers, preflight and JSON errors."""
+
+    set_default_headers = JsonHandler.set_default_headers
+    options = JsonHandler.options
+    write_error = JsonHandler.write_error
+
+    def initialize(self, path: str, default_filename: str | None = None,  # type: ignore[override]
+                   cors_origins: typing.Sequence[str] = ("*",)) -> None:
+        super().initialize(path=path, default_filename=default_filename)
+        self.cors_origins = cors_origins
+        # Tornado sets the default headers before initialize(): again, now that the origins are known.
+        self.clear()

@@ -14,11 +14,12 @@ import time
 import typing
 
 import ujson
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from proxy import kafka_client, metrics
 from proxy.config import Config, kafka_properties
 from proxy.kafka_client import KafkaUnavailable
+from proxy.policy import VisibilityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ Record = tuple[str, int, str]
 topic_of = Message.topic
 
 BATCH_SIZE = 1000
+# The history load reads this many times the history size back from each partition's end.
+HISTORY_READ_BACK = 3
 POLL_TIMEOUT = 0.1
 MAX_BATCHES_IN_FLIGHT = 8
 RETRY_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -83,8 +86,11 @@ class RecordDecoder:
     ingest does not pay for formatting messages nobody reads.
     """
 
-    def __init__(self, topics: typing.Iterable[str], drop_failed_requests: bool):
+    def __init__(self, topics: typing.Iterable[str], drop_failed_requests: bool,
+                 hidden_fields: typing.Mapping[str, frozenset[str]] | None = None):
         self.drop_failed_requests = drop_failed_requests
+        # Topics with fields nobody may see (from the policy): those values are re-encoded.
+        self._hidden = {topic: fields for topic, fields in (hidden_fields or {}).items() if fields}
         self._prefix = {t: '{"topic":%s,"partition":' % ujson.dumps(t) for t in topics}
         self._warned: set[tuple[str, str]] = set()
 
@@ -104,12 +110,15 @@ class RecordDecoder:
     def envelope(self, message: typing.Any, skipped: collections.Counter[tuple[str, str]]) -> Record | None:
         """(topic, timestamp, envelope JSON) of an accepted record; None if it cannot be JSON."""
         topic, raw = message.topic(), message.value()
+        hidden = self._hidden.get(topic)
         # Reuse the producer's bytes instead of re-encoding: accept() has proven them to be a
         # JSON object. ujson also accepts NaN/Infinity, which JSON does not: re-encode those.
-        if b"NaN" in raw or b"Infinity" in raw:
+        if hidden or b"NaN" in raw or b"Infinity" in raw:
+            value = ujson.loads(raw)
+            for field in hidden or ():
+                value.pop(field, None)
             try:
-                text = ujson.dumps(ujson.loads(raw), ensure_ascii=False, escape_forward_slashes=False,
-                                   allow_nan=False)
+                text = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
             except OverflowError:
                 self._skip(message, topic, "invalid_json", skipped)
                 return None
@@ -151,7 +160,9 @@ class KafkaIngest:
         self._on_batch = on_batch
         self._wants_every_message = wants_every_message
         self._call_soon = call_soon
-        self.decoder = RecordDecoder(self.topics, config.live.drop_failed_requests)
+        policy = VisibilityPolicy.from_config(config.export)
+        self.decoder = RecordDecoder(self.topics, config.live.drop_failed_requests,
+                                     {topic: policy.hidden_fields(topic) for topic in self.topics})
         self.stats = IngestStats()
         self._in_flight = threading.BoundedSemaphore(MAX_BATCHES_IN_FLIGHT)
         self._stop = threading.Event()
@@ -267,7 +278,8 @@ class KafkaIngest:
     def _load_history(self, consumer: typing.Any, partitions: dict[str, list[int]]) -> None:
         """Read the tail of every partition up to its end, then keep the newest N per topic.
 
-        Each partition starts at most N records before its high mark. A high mark that is too
+        Each partition starts HISTORY_READ_BACK x N records before its high mark, so that failed
+        requests and malformed records (not kept) rarely leave the history short. A high mark that is too
         small (Tansu) only makes us read more; the end is found by partition EOF events.
         """
         size = self.history_size
@@ -276,7 +288,8 @@ class KafkaIngest:
         for topic, parts in partitions.items():
             for partition in parts:
                 low, high = kafka_client.watermarks(consumer, topic, partition, timeout=10.0)
-                assignment.append(TopicPartition(topic, partition, max(low, high - size) if high >= 0 else OFFSET_BEGINNING))
+                start = max(low, high - size * HISTORY_READ_BACK) if high >= 0 else OFFSET_BEGINNING
+                assignment.append(TopicPartition(topic, partition, start))
         pending = {(tp.topic, tp.partition) for tp in assignment}
         consumer.assign(assignment)
         self._remember(assignment)
@@ -355,8 +368,13 @@ class KafkaIngest:
                 if batch:
                     self._hand_over(self._deliver, (batch, len(consumed) == 1))
             if time.monotonic() >= next_refresh:
-                self._discover(consumer)
-                self._update_lag(consumer)
+                try:
+                    self._discover(consumer)
+                    self._update_lag(consumer)
+                except KafkaException as exc:
+                    # Metadata, seek and position calls fail while the cluster is in trouble;
+                    # the next round tries again.
+                    log.warning("Kafka housekeeping failed: %s", kafka_client.describe(exc.args[0]))
                 next_refresh = time.monotonic() + self.config.topic_refresh_interval
 
     def _deliver(self, batch: tuple[list[typing.Any], bool]) -> None:

@@ -1,7 +1,7 @@
 """Who may see what: merchant identity from a token and the per-topic visibility rules.
 
-This module is the only place that decides visibility; the CSV export and the live stream
-both ask it. The rules themselves are data (export.topics in config.yaml).
+This module is the only place that decides visibility; the CSV export asks it for every row,
+the live stream for the fields nobody is shown. The rules themselves are data (export.topics in config.yaml).
 """
 
 from __future__ import annotations
@@ -105,6 +105,11 @@ class VisibilityPolicy:
         if rules is None or rules.columns is None:
             return None
         return [column for column in rules.columns if column not in rules.drop_columns]
+
+    def hidden_fields(self, topic: str) -> frozenset[str]:
+        """Fields nobody is shown, live or exported (e.g. addOffer's signature)."""
+        rules = self._rules.get(topic)
+        return frozenset(rules.drop_columns) if rules is not None else frozenset()
 
     def is_visible(self, topic: str, message: Mapping[str, typing.Any], merchant_id: str | None) -> bool:
         """Whether the merchant may see this message at all (None: an anonymous reader)."""

@@ -218,3 +218,18 @@ def test_a_client_that_stops_reading_is_closed_and_costs_the_others_nothing(brok
     wait_until(lambda: "proxy_slow_sessions_dropped_total 1.0" in proxy.get("/metrics")[1], 20,
                message="the stalled session to be closed")
     assert proxy.get("/status")[1]["sessions"] == 1
+
+
+def test_fields_the_policy_hides_never_reach_the_live_view_or_status(broker, start_proxy, sockjs):
+    (topic,) = unique_topics("addOffer")
+    broker.create_topics([topic])
+    produce(broker.bootstrap_servers, topic, [{"offer_id": 1, "signature": "c2VjcmV0", "price": 2.5}])
+    rules = {"topics": {topic: {"policy": "owner", "drop_columns": ["signature"]}}}
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "export": rules})
+    client = sockjs(proxy.base)
+    assert [e["value"] for e in client.receive(1)[0]["messages"]] == [{"offer_id": 1, "price": 2.5}]
+
+    produce(broker.bootstrap_servers, topic, [{"offer_id": 2, "signature": "c2VjcmV0"}])
+
+    assert client.receive(1)[0]["message"]["value"] == {"offer_id": 2}
+    assert "c2VjcmV0" not in str(proxy.get("/status")[1])

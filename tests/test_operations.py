@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -81,7 +82,8 @@ def test_a_secret_in_an_invalid_kafka_setting_is_not_echoed(tmp_path):
     secret = "Another-S3cret-" + os.urandom(4).hex()
     config = tmp_path / "config.yaml"
     config.write_text("kafka:\n  security.protocol: ${PROXY_TEST_SECRET}\n")
-    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--kafka-url", "127.0.0.1:9"],
+    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--kafka-url", "127.0.0.1:9",
+                             "--data-dir", str(tmp_path / "data")],
                             cwd=REPO, capture_output=True, text=True, timeout=30,
                             env=dict(os.environ, PROXY_TEST_SECRET=secret))
     assert result.returncode == 2
@@ -120,7 +122,8 @@ def test_clients_survive_a_broker_restart_and_get_messages_produced_after_it(sta
 def test_bad_config_exits_2_naming_the_key_and_file(tmp_path, content, fragment):
     config = tmp_path / "bad.yaml"
     config.write_text(content)
-    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--kafka-url", "127.0.0.1:9"],
+    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--kafka-url", "127.0.0.1:9",
+                             "--data-dir", str(tmp_path / "data")],
                             cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert fragment in result.stderr and str(config) in result.stderr
@@ -129,7 +132,8 @@ def test_bad_config_exits_2_naming_the_key_and_file(tmp_path, content, fragment)
 def test_unreadable_config_and_missing_kafka_url_exit_2(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_URL"}
     env["PYTHONPATH"] = REPO
-    missing = subprocess.run([sys.executable, "-m", "proxy", "--config", str(tmp_path / "nope.yaml")],
+    missing = subprocess.run([sys.executable, "-m", "proxy", "--config", str(tmp_path / "nope.yaml"),
+                              "--data-dir", str(tmp_path / "data")],
                              cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr
 
@@ -138,3 +142,42 @@ def test_unreadable_config_and_missing_kafka_url_exit_2(tmp_path):
                             timeout=30, env=env)
     assert no_url.returncode == 2
     assert no_url.stderr.count("\n") == 1 and "--kafka-url" in no_url.stderr
+
+
+def test_an_unset_environment_variable_in_the_kafka_settings_exits_2(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("kafka:\n  sasl.password: ${PROXY_TEST_NOT_SET}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PROXY_TEST_NOT_SET"}
+    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(config), "--kafka-url", "127.0.0.1:9",
+                             "--data-dir", str(tmp_path / "data")],
+                            cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 2
+    assert "PROXY_TEST_NOT_SET" in result.stderr and str(config) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_request_log_names_the_merchant_by_id_never_by_token_or_file_secret(broker, start_proxy):
+    token = "ddObEKSew8sIa9aZvJrdSs78K5zVIuCvYaXlu0Rs8KBjUlJQ5B3W4AeOGetYZ6U7"
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": ["buyOffer"]})
+    status, body, _ = proxy.get("/export/data/buyOffer", {"Authorization": "Token " + token})
+    assert status == 200
+    assert proxy.get("/" + body["url"])[0] == 200
+    secret = body["url"].rsplit("-", 1)[1].removesuffix(".csv")
+
+    # The access line is written once the answer is out: wait for it.
+    log = wait_until(lambda: "route=DataFileHandler" in proxy.log() and proxy.log(), message="the download's log line")
+    assert "merchant_id=YWKtz6tuqjA6hfYSSZ2Uf+9jmi0PrzlWNKQfoRv1oew=" in log
+    assert token not in log
+    assert secret not in log
+    assert "path=/data/buyOffer-" in log and "<secret>" in log
+
+
+def test_every_route_answers_errors_and_preflight_in_json(broker, start_proxy):
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": ["t"]})
+    for path in ("/static/nope.js", "/nope", "/data/nope.csv"):
+        status, body, headers = proxy.get(path)
+        assert status == 404 and "error" in body and headers["Access-Control-Allow-Origin"] == "*", path
+    request = urllib.request.Request(proxy.base + "/metrics", method="OPTIONS", headers={"Origin": "http://ui"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 204
+        assert "GET" in response.headers["Access-Control-Allow-Methods"]
