@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean system-packages
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,21 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/kafka-reverse-proxy --demo
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium and the unit test runs systemd-analyze; install them
+# from Debian when they are missing (needs root, as on CI; otherwise say what to install).
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+		else \
+			echo "make test needs Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; \
+		fi; \
+	fi
+
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

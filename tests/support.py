@@ -54,7 +54,12 @@ def produce(bootstrap: str, topic: str, values: typing.Iterable[typing.Any], par
             kwargs["partition"] = partition
         if stamps is not None:
             kwargs["timestamp"] = next(stamps)
-        producer.produce(topic, raw, **kwargs)
+        while True:
+            try:
+                producer.produce(topic, raw, **kwargs)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                producer.poll(0.1)
     assert producer.flush(10) == 0, "producer did not deliver everything"
 
 

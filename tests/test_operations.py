@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -181,3 +182,25 @@ def test_every_route_answers_errors_and_preflight_in_json(broker, start_proxy):
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 204
         assert "GET" in response.headers["Access-Control-Allow-Methods"]
+
+
+def test_sigterm_cancels_a_running_export_removes_its_file_and_exits_0_within_10_seconds(broker, start_proxy, tmp_path):
+    (topic,) = unique_topics("bigExport")
+    broker.create_topics([topic])
+    produce(broker.bootstrap_servers, topic, [b'{"merchant_id":"m","n":%d}' % n for n in range(300_000)])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "export": {"topics": {topic: {"policy": "public"}}}})
+    data_dir = tmp_path / "data"
+    answers: list = []
+    request = threading.Thread(target=lambda: answers.append(proxy.get(f"/export/data/{topic}", {"Authorization": "t0k"})))
+    request.start()
+    wait_until(lambda: list(data_dir.glob(".tmp-*")), 30, interval=0.01, message="the export's temporary file")
+
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    exit_code = proxy.process.wait(10)
+    elapsed = time.monotonic() - started
+    request.join(10)
+
+    assert exit_code == 0 and elapsed < 10
+    assert list(data_dir.iterdir()) == [], "no temporary or partial file is left"
+    assert answers and answers[0][0] == 503 and "error" in answers[0][1]
