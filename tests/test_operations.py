@@ -204,3 +204,38 @@ def test_sigterm_cancels_a_running_export_removes_its_file_and_exits_0_within_10
     assert exit_code == 0 and elapsed < 10
     assert list(data_dir.iterdir()) == [], "no temporary or partial file is left"
     assert answers and answers[0][0] == 503 and "error" in answers[0][1]
+
+
+def test_verbose_health_reports_lag_per_partition(broker, start_proxy):
+    (topic,) = unique_topics("lag")
+    broker.create_topics([topic], partitions=2)
+    produce(broker.bootstrap_servers, topic, [{"n": n} for n in range(5)])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+
+    lag = wait_until(lambda: proxy.get("/health?verbose=1")[1].get("lag", {}).get(topic), 20, message="lag figures")
+    assert set(lag) == {"0", "1"} and all(behind == 0 for behind in lag.values())
+    assert proxy.get("/health")[1] == {"status": "ok"}
+
+
+def test_live_messages_keep_flowing_while_exports_run(broker, start_proxy, sockjs, tmp_path):
+    big, live = unique_topics("bigExport", "live")
+    broker.create_topics([big, live])
+    produce(broker.bootstrap_servers, big, [b'{"merchant_id":"m","n":%d}' % n for n in range(300_000)])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [live], "export": {"topics": {big: {"policy": "public"}}}})
+    client = sockjs(proxy.base)
+    client.receive(1)
+    exports = [threading.Thread(target=proxy.get, args=(f"/export/data/{big}", {"Authorization": f"t{i}"}))
+               for i in range(2)]
+    for export in exports:
+        export.start()
+    wait_until(lambda: len(list((tmp_path / "data").glob(".tmp-*"))) == 2, 30, interval=0.01,
+               message="both exports to be writing")
+
+    produce(broker.bootstrap_servers, live, [{"during": "export"}])
+    (message,) = client.receive(1, timeout=5)
+    still_exporting = len(list((tmp_path / "data").glob(".tmp-*")))
+    for export in exports:
+        export.join(60)
+
+    assert message["message"]["value"] == {"during": "export"}
+    assert still_exporting >= 1, "the live message arrived while an export was still running"
