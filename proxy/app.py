@@ -87,7 +87,7 @@ class ProxyServer:
                                   wants_every_message=lambda: self.hub.session_count() > 0)
         self.data_folder.start(self.config.export.sweep_interval)
         app = self.make_app()
-        self.http_server = tornado.httpserver.HTTPServer(app, xheaders=True)
+        self.http_server = tornado.httpserver.HTTPServer(app, xheaders=self.config.listen.trust_forwarded_headers)
         sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address)
         self.http_server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]

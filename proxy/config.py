@@ -28,6 +28,7 @@ class ConfigError(Exception):
 class ListenConfig:
     address: str = "0.0.0.0"
     port: int = 8001
+    trust_forwarded_headers: bool = False
 
 
 @dataclass
