@@ -1,4 +1,4 @@
-"""The folder of export files: their names, and a sweeper that enforces retention and a size cap."""
+"""The folder of export files: their names, writing each one whole, and a sweeper for retention and a size cap."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import time
+import typing
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
@@ -45,6 +46,10 @@ class DataFolder:
 
     def new_temporary_path(self) -> str:
         return os.path.join(self.path, f".tmp-{secrets.token_hex(16)}.csv.part")
+
+    def new_export_file(self, label: str) -> ExportFile:
+        """A new export file, written under a temporary name; a context manager giving the open file."""
+        return ExportFile(self, label)
 
     def export_files(self) -> list[tuple[str, float, int]]:
         """(name, mtime, size) of every finished export file, oldest first."""
@@ -134,3 +139,60 @@ class DataFolder:
         except OSError as exc:
             log.warning("cannot delete %s from the data folder: %s", name, exc.strerror)
             return False
+
+
+class ExportFile:
+    """A temporary file in the data folder that becomes an export file only once it is complete."""
+
+    def __init__(self, folder: DataFolder, label: str):
+        self.folder = folder
+        self.name = folder.new_export_name(label)
+        self.temporary_path = folder.new_temporary_path()
+        self.size = 0
+        self._file: typing.TextIO | None = None
+
+    def __enter__(self) -> typing.TextIO:
+        os.makedirs(self.folder.path, exist_ok=True)
+        self._file = open(self.temporary_path, "x", encoding="utf-8", newline="", buffering=1 << 16)
+        return self._file
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: typing.Any) -> None:
+        assert self._file is not None
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            self._file.flush()
+            # On disk before it gets its served name, so a crash never leaves a truncated export.
+            os.fsync(self._file.fileno())
+            self.size = os.fstat(self._file.fileno()).st_size
+            self._file.close()
+            os.replace(self.temporary_path, os.path.join(self.folder.path, self.name))
+        except BaseException:
+            self._discard()
+            raise
+        _fsync_directory(self.folder.path)
+
+    def _discard(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.close()
+        except OSError:
+            pass  # e.g. the disk is full: the file goes anyway
+        try:
+            os.remove(self.temporary_path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_directory(path: str) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # not supported for directories on every file system
+    finally:
+        os.close(descriptor)

@@ -1,7 +1,7 @@
 """Merchant CSV exports: scan Kafka partitions, keep what the merchant may see, write CSV.
 
-Kafka scan → visibility filter (proxy.policy) → CSV writer (proxy.csv_export) → data folder
-(proxy.data_folder) or the HTTP response. Everything that blocks (the Kafka client, the disk)
+Kafka scan (proxy.partition_scan) → visibility filter (proxy.policy) → CSV writer
+(proxy.csv_export) → data folder (proxy.data_folder) or the HTTP response. Everything that blocks (the Kafka client, the disk)
 runs on a thread of the export executor, so the IOLoop and the live stream never wait for an export.
 """
 
@@ -11,26 +11,30 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime
-import heapq
 import itertools
 import json
 import logging
-import os
 import re
 import threading
 import time
 import typing
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 import ujson
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING
 
 from proxy import kafka_client
 from proxy.config import Config, kafka_properties
 from proxy.csv_export import CsvExportWriter
 from proxy.data_folder import DataFolder
 from proxy.metrics import EXPORT_DURATION, EXPORT_REQUESTS, ROWS_EXPORTED
+from proxy.partition_scan import (
+    READ_AHEAD_RECORDS,
+    PartitionScanner,
+    Record,
+    ScanCancelled,
+    TopicPartitionKey,
+)
 from proxy.policy import VisibilityPolicy
 
 log = logging.getLogger(__name__)
@@ -44,25 +48,6 @@ OTHER_TOPIC_LABEL = "other"
 KAFKA_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _PLAIN_LOG_VALUE = re.compile(r"[A-Za-z0-9._:+/=@-]+")
-
-# The export consumer's librdkafka settings; the kafka section of the config may override them.
-EXPORT_CONSUMER_DEFAULTS = {
-    # Bound the client's read-ahead: librdkafka would queue up to 64 MB, and a slow writer
-    # would let memory grow with the topic. fetch.max.bytes must stay below the queue bound.
-    "queued.max.messages.kbytes": "4096",
-    "fetch.max.bytes": str(1024 * 1024),
-    "max.partition.fetch.bytes": str(256 * 1024),
-    # With a bounded queue, librdkafka otherwise waits a whole second each time it is full.
-    "fetch.queue.backoff.ms": "10",
-    # Some brokers (Tansu) hold every fetch for the full wait even when data is there.
-    "fetch.wait.max.ms": "10",
-    # A start offset deleted by retention meanwhile: go on from the earliest one left.
-    "auto.offset.reset": "earliest",
-    "allow.auto.create.topics": "false",
-}
-# Records buffered per partition by the merge. Below about a fetch's worth of records, pausing
-# and resuming partitions (which drops what librdkafka had fetched for them) slows exports 10x.
-READ_AHEAD_RECORDS = 2000
 
 
 class ExportError(Exception):
@@ -97,7 +82,7 @@ class TooManyExports(ExportError):
     status, outcome = 429, "too_many_exports"
 
 
-class KafkaUnavailable(ExportError):
+class ExportKafkaUnavailable(ExportError):
     status, outcome = 503, "kafka_unavailable"
 
 
@@ -166,195 +151,6 @@ class ExportResult:
     dropped_keys: int = 0
 
 
-class Record(typing.NamedTuple):
-    """One Kafka record as the export reads it."""
-
-    timestamp: int
-    topic: str
-    partition: int
-    offset: int
-    value: bytes | None
-
-
-TopicPartitionKey = tuple[str, int]
-
-
-class PartitionScanner:
-    """One export's own Kafka consumer: metadata, watermarks, and partitions read up to their end.
-
-    Knows how to scan: "the end" is the partition-EOF event, never a precomputed end offset
-    (ListOffsets is wrong on some brokers); silence is slowness, not the end, until `timeout`;
-    client errors become KafkaUnavailable (503). proxy.kafka_client builds the consumer.
-    """
-
-    BATCH = 1000
-
-    def __init__(self, properties: Mapping[str, typing.Any], timeout: float, cancelled: threading.Event,
-                 read_ahead: int = READ_AHEAD_RECORDS):
-        self._timeout = timeout
-        self._cancelled = cancelled
-        self._read_ahead = max(2, read_ahead)
-        self._fatal_error: KafkaError | None = None
-        self._last_error: KafkaError | None = None
-        try:
-            self._consumer = kafka_client.make_consumer(properties, defaults=EXPORT_CONSUMER_DEFAULTS,
-                                                        error_cb=self._on_error)
-        except ValueError as exc:
-            raise KafkaUnavailable(str(exc)) from None
-
-    def close(self) -> None:
-        self._consumer.close()
-
-    def __enter__(self) -> PartitionScanner:
-        return self
-
-    def __exit__(self, *exc_info: typing.Any) -> None:
-        self.close()
-
-    def partitions(self) -> dict[str, list[int]]:
-        """Partition ids of every topic that exists in Kafka now."""
-        try:
-            return kafka_client.list_partitions(self._consumer, self._timeout)
-        except kafka_client.KafkaUnavailable as exc:
-            raise KafkaUnavailable(f"Kafka is unreachable: {exc}") from None
-
-    def watermarks(self, topic: str, partition: int) -> tuple[int, int]:
-        """(low, high) offsets. The high one may be too low on some brokers (Tansu): use it only to read more."""
-        try:
-            return kafka_client.watermarks(self._consumer, topic, partition, self._timeout)
-        except kafka_client.KafkaUnavailable as exc:
-            raise KafkaUnavailable(f"Kafka is unreachable: {exc}") from None
-
-    def read_range(self, topic: str, partition: int, start: int, end: int | None) -> Iterator[Record]:
-        """Records of one partition with start <= offset < end (None: up to the partition's end)."""
-        self._consumer.assign([TopicPartition(topic, partition, start)])
-        while True:
-            for message in self._next_batch():
-                if message.topic() != topic or message.partition() != partition:
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        return
-                    raise KafkaUnavailable(f"Kafka error on {topic}[{partition}]: {kafka_client.describe(error)}")
-                offset = message.offset()
-                if offset < start:
-                    continue
-                if end is not None and offset >= end:
-                    return
-                yield _record_of(message)
-
-    def read_merged(self, starts: Mapping[TopicPartitionKey, int],
-                    ends: Mapping[TopicPartitionKey, int] | None = None) -> Iterator[Record]:
-        """Records of the given partitions from their start offset to their end, merged by timestamp.
-
-        The end is the partition's end as of the read (its EOF event), or ends[partition] (an
-        offset once read) if given. A k-way merge: a record is yielded once every partition that
-        is not at its end has one buffered, and each partition buffers at most about `read_ahead`
-        records (it is paused while full), so memory does not grow with the topic.
-        """
-        if not starts:
-            return
-        ends = ends or {}
-        consumer = self._consumer
-        consumer.assign([TopicPartition(topic, partition, offset) for (topic, partition), offset in starts.items()])
-        buffered: dict[TopicPartitionKey, deque[Record]] = {key: deque() for key in starts}
-        # Guards against records fetched twice (after a resume) or from before the start.
-        next_offset = {key: max(offset, 0) for key, offset in starts.items()}
-        not_at_end = set(starts)
-        # Partitions not at their end with nothing buffered: the merge cannot go on without them.
-        starving = set(starts)
-        paused: set[TopicPartitionKey] = set()
-        heads: list[tuple[tuple[int, str, int, int], TopicPartitionKey]] = []
-
-        def reached_end(key: TopicPartitionKey) -> None:
-            not_at_end.discard(key)
-            starving.discard(key)
-            # The export reads the partition as of the request; later records are not its business.
-            consumer.pause([TopicPartition(*key)])
-
-        while True:
-            while starving:
-                for message in self._next_batch():
-                    key = (message.topic(), message.partition())
-                    if key not in not_at_end:
-                        continue  # written after this partition's end was reached
-                    error = message.error()
-                    if error is not None:
-                        if error.code() != KafkaError._PARTITION_EOF:
-                            raise KafkaUnavailable(f"Kafka error on {key[0]}[{key[1]}]: {kafka_client.describe(error)}")
-                        reached_end(key)
-                        continue
-                    offset = message.offset()
-                    if offset < next_offset[key]:
-                        continue
-                    end = ends.get(key)
-                    if end is not None and offset >= end:
-                        reached_end(key)
-                        continue
-                    next_offset[key] = offset + 1
-                    queue = buffered[key]
-                    record = _record_of(message)
-                    queue.append(record)
-                    if len(queue) == 1:
-                        heapq.heappush(heads, (_merge_key(record), key))
-                        starving.discard(key)
-                    if end is not None and offset + 1 >= end:
-                        reached_end(key)
-                    elif len(queue) >= self._read_ahead and key not in paused:
-                        consumer.pause([TopicPartition(*key)])
-                        paused.add(key)
-            if not heads:
-                return
-            _, key = heapq.heappop(heads)
-            queue = buffered[key]
-            record = queue.popleft()
-            if queue:
-                heapq.heappush(heads, (_merge_key(queue[0]), key))
-            elif key in not_at_end:
-                starving.add(key)
-            if key in paused and len(queue) <= self._read_ahead // 2:
-                consumer.resume([TopicPartition(*key)])
-                paused.discard(key)
-            yield record
-
-    def _next_batch(self) -> list[typing.Any]:
-        """The next messages and events, waiting for at least one; stops on cancel or a silent Kafka."""
-        waiting_since = time.monotonic()
-        while True:
-            if self._cancelled.is_set():
-                raise ExportCancelled("the export was cancelled")
-            if self._fatal_error is not None:
-                raise KafkaUnavailable(f"Kafka client failed: {kafka_client.describe(self._fatal_error)}")
-            try:
-                # Take what is queued without waiting; only an empty queue waits, briefly, so the
-                # end of a topic is not delayed by a timeout and a cancel is seen quickly.
-                batch = self._consumer.consume(self.BATCH, timeout=0) or self._consumer.consume(1, timeout=0.05)
-            except KafkaException as exc:
-                raise KafkaUnavailable(f"Kafka client failed: {kafka_client.describe(exc.args[0])}") from None
-            if batch:
-                return batch
-            if time.monotonic() - waiting_since > self._timeout:
-                reason = f" (last error: {kafka_client.describe(self._last_error)})" if self._last_error is not None else ""
-                raise KafkaUnavailable(f"Kafka sent nothing for {self._timeout:g} s{reason}")
-
-    def _on_error(self, error: KafkaError) -> None:
-        # Called from inside consume(), on the export thread.
-        self._last_error = error
-        if error.fatal():
-            self._fatal_error = error
-        # librdkafka logs connection failures itself (proxy.kafka); only a fatal error is news.
-        log.log(logging.ERROR if error.fatal() else logging.DEBUG, "export consumer: %s", kafka_client.describe(error))
-
-
-def _record_of(message: typing.Any) -> Record:
-    return Record(message.timestamp()[1], message.topic(), message.partition(), message.offset(), message.value())
-
-
-def _merge_key(record: Record) -> tuple[int, str, int, int]:
-    # Ties on the timestamp keep a stable, reproducible order.
-    return (record.timestamp, record.topic, record.partition, record.offset)
-
 
 def _decode(value: bytes | None) -> dict[str, typing.Any] | None:
     """A record's JSON object, or None if it is not one."""
@@ -376,63 +172,6 @@ def _iso_time(epoch_ms: int) -> str | None:
         return None
     moment = _EPOCH + datetime.timedelta(milliseconds=epoch_ms)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-class _ExportFile:
-    """A temporary file in the data folder that becomes an export file only once it is complete."""
-
-    def __init__(self, folder: DataFolder, label: str):
-        self.folder = folder
-        self.name = folder.new_export_name(label)
-        self.temporary_path = folder.new_temporary_path()
-        self.size = 0
-        self._file: typing.TextIO | None = None
-
-    def __enter__(self) -> typing.TextIO:
-        os.makedirs(self.folder.path, exist_ok=True)
-        self._file = open(self.temporary_path, "x", encoding="utf-8", newline="", buffering=1 << 16)
-        return self._file
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: typing.Any) -> None:
-        assert self._file is not None
-        if exc_type is not None:
-            self._discard()
-            return
-        try:
-            self._file.flush()
-            # On disk before it gets its served name, so a crash never leaves a truncated export.
-            os.fsync(self._file.fileno())
-            self.size = os.fstat(self._file.fileno()).st_size
-            self._file.close()
-            os.replace(self.temporary_path, os.path.join(self.folder.path, self.name))
-        except BaseException:
-            self._discard()
-            raise
-        _fsync_directory(self.folder.path)
-
-    def _discard(self) -> None:
-        assert self._file is not None
-        try:
-            self._file.close()
-        except OSError:
-            pass  # e.g. the disk is full: the file goes anyway
-        try:
-            os.remove(self.temporary_path)
-        except FileNotFoundError:
-            pass
-
-
-def _fsync_directory(path: str) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # not supported for directories on every file system
-    finally:
-        os.close(descriptor)
 
 
 class _ChunkedText:
@@ -646,7 +385,7 @@ class ExportService:
             raise ExportFailed(f"cannot write the export file: {exc.strerror or exc}") from exc
 
     def _export_to_file(self, request: ExportRequest, cancelled: threading.Event) -> ExportResult:
-        export_file = _ExportFile(self.data_folder, request.label)
+        export_file = self.data_folder.new_export_file(request.label)
         written = self._write_csv(request, cancelled, lambda: export_file)
         # The new file may push the folder over its size cap.
         self.data_folder.sweep()
@@ -661,6 +400,16 @@ class ExportService:
     def _write_csv(self, request: ExportRequest, cancelled: threading.Event,
                    open_output: Callable[[], typing.ContextManager[typing.Any]]) -> ExportResult:
         """The whole export, on the export thread: scan, filter, write. Errors come before any output."""
+        try:
+            return self._scan_and_write(request, cancelled, open_output)
+        # The scan's errors, as export errors (HTTP status, metrics outcome).
+        except ScanCancelled as exc:
+            raise ExportCancelled(str(exc)) from None
+        except kafka_client.KafkaUnavailable as exc:
+            raise ExportKafkaUnavailable(str(exc)) from None
+
+    def _scan_and_write(self, request: ExportRequest, cancelled: threading.Event,
+                        open_output: Callable[[], typing.ContextManager[typing.Any]]) -> ExportResult:
         stats = _ScanStats()
         with PartitionScanner(self._kafka, self._kafka_timeout, cancelled, self._read_ahead) as scanner:
             partitions = self._partitions_to_read(scanner, request.topic)

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from proxy.broker import TansuBroker, free_port
 from proxy.config import TopicExportConfig
 from proxy.data_folder import DataFolder
-from proxy.export import ExportCancelled, ExportService, KafkaUnavailable
+from proxy.export import ExportCancelled, ExportKafkaUnavailable, ExportService
 from proxy.export_api import DataFileHandler, ExportHandler
 from proxy.http_api import NotFoundHandler
 from proxy.metrics import REGISTRY
@@ -718,7 +718,7 @@ def test_failed_export_leaves_no_file(tmp_path: typing.Any) -> None:
                 await asyncio.sleep(0.002)
             assert doomed.process is not None
             doomed.process.kill()
-            with pytest.raises(KafkaUnavailable):
+            with pytest.raises(ExportKafkaUnavailable):
                 await running
 
         asyncio.run(broker_dies_during_export())
