@@ -313,17 +313,29 @@ offers = st.fixed_dictionaries({
     "offer_id": small, "uid": small, "product_id": small, "quality": st.integers(1, 4), "merchant_id": merchant_ids,
     "amount": small, "price": money, "shipping_time_standard": small, "shipping_time_prime": small,
     "prime": st.booleans()})
+def statistics(field: str) -> st.SearchStrategy[dict[str, typing.Any]]:
+    return st.fixed_dictionaries({"merchant_id": merchant_ids, field: money})
+
+
+unowned_or_owned = st.fixed_dictionaries({"note": words}, optional={"merchant_id": merchant_ids, "level": small})
+# Every exportable topic of the default rules, with messages of its documented shape.
 MESSAGES = {
     "buyOffer": st.fixed_dictionaries({
         "offer_id": small, "price": money, "amount": small, "merchant_id": merchant_ids, "left_in_stock": small,
         "consumer_id": words, "http_code": st.sampled_from([200, 409, 410])}),
     "addOffer": st.builds(lambda base, signature, code: {**base, "signature": signature, "http_code": code},
                           offers, signatures, st.sampled_from([200, 451, 500])),
-    "profit": st.fixed_dictionaries({"merchant_id": merchant_ids, "profit": money}),
+    "updateOffer": st.builds(lambda base, code: {**base, "http_code": code}, offers, st.sampled_from([200, 404, 500])),
     "marketSituation": st.fixed_dictionaries({
         "trigger": st.sampled_from(["addOffer", "updateOffer"]), "merchant_id": merchant_ids, "product_id": small,
         "offers": st.lists(offers, max_size=4)}),
-    "updates": st.fixed_dictionaries({"note": words}, optional={"merchant_id": merchant_ids, "level": small}),
+    "updates": unowned_or_owned,
+    "salesPerMinutes": unowned_or_owned,
+    **{topic: statistics("profit") for topic in ("profit", "profitPerMinute", "profitPerHour")},
+    **{topic: statistics("revenue") for topic in ("revenuePerMinute", "revenuePerHour", "cumulativeRevenue")},
+    **{topic: statistics("marketshare")
+       for topic in ("cumulativeAmountBasedMarketshare", "cumulativeRevenueBasedMarketshare")},
+    "inventory_level": statistics("level"),
 }
 
 
@@ -332,10 +344,14 @@ def allowed_rows(kind: str, messages: list[dict[str, typing.Any]], merchant: str
     if kind == "marketSituation":
         return [{"timestamp": message["timestamp"], "triggering_merchant_id": message["merchant_id"],
                  "trigger": message["trigger"], **item} for message in messages for item in message["offers"]]
-    if kind == "updates":
+    if kind in ("updates", "salesPerMinutes"):
         return [message for message in messages if message.get("merchant_id", merchant) == merchant]
     return [{key: value for key, value in message.items() if key != "signature"}
             for message in messages if message["merchant_id"] == merchant]
+
+
+def test_the_property_test_covers_every_exportable_topic() -> None:
+    assert set(MESSAGES) == set(default_topic_rules())
 
 
 @pytest.mark.parametrize("kind", list(MESSAGES))
