@@ -85,13 +85,15 @@ class ProxyServer:
         loop = tornado.ioloop.IOLoop.current()
         self.ingest = KafkaIngest(self.config, self._history_loaded, self.hub.publish, loop.add_callback,
                                   wants_every_message=lambda: self.hub.session_count() > 0)
+        # Bad Kafka settings fail here, before anything else is touched. The history cannot reach
+        # the IOLoop before the port is open: nothing below awaits.
+        self.ingest.start()
         self.data_folder.start(self.config.export.sweep_interval)
         app = self.make_app()
         self.http_server = tornado.httpserver.HTTPServer(app, xheaders=self.config.listen.trust_forwarded_headers)
         sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address)
         self.http_server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
-        self.ingest.start()
         self.systemd.start_watchdog(self.ingest.is_alive)
         log.info("listening on http://%s:%d (SockJS at %s)", self.config.listen.address, self.port,
                  self.config.live.prefix)
