@@ -89,7 +89,9 @@ class ProxyProcess:
 
     def start(self, wait_healthy: bool = True) -> "ProxyProcess":
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        # Its own session: only the test that started it signals it; stop() always ends it.
+        self.process = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=True)
         log.close()
         wait_until(self._answers, 20, message="the proxy to listen")
         if wait_healthy:

@@ -36,7 +36,9 @@ def test_demo_streams_13_histories_then_live_messages_and_ctrl_c_leaves_nothing(
     with open(log_path, "wb") as log:
         demo = subprocess.Popen([sys.executable, "-m", "proxy", "--demo", "--port", str(port),
                                  "--data-dir", str(tmp_path / "data")],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=REPO))
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=REPO),
+                                # Only this test signals it (not whatever signals pytest's group).
+                                start_new_session=True)
     try:
         try:
             run_demo_checks(demo, port, log_path)
