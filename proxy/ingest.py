@@ -301,7 +301,7 @@ class KafkaIngest:
             self._last_turn = time.monotonic()
             consumed: collections.Counter[str] = collections.Counter()
             skipped: collections.Counter[tuple[str, str]] = collections.Counter()
-            for message in consumer.consume(BATCH_SIZE, POLL_TIMEOUT):
+            for message in kafka_client.consume_available(consumer, BATCH_SIZE, POLL_TIMEOUT):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
@@ -338,12 +338,7 @@ class KafkaIngest:
         next_refresh = time.monotonic() + self.config.topic_refresh_interval
         while not self._stop.is_set():
             self._last_turn = time.monotonic()
-            # Take what is already queued without waiting; wait only when there is nothing.
-            messages = consumer.consume(BATCH_SIZE, 0) or consumer.consume(1, POLL_TIMEOUT)
-            if len(messages) == 1:
-                # The wait ends at the first record of a fetch; the rest of the fetch came with
-                # it. Without this, every other batch the IOLoop fans out is a single record.
-                messages += consumer.consume(BATCH_SIZE - 1, 0)
+            messages = kafka_client.consume_available(consumer, BATCH_SIZE, POLL_TIMEOUT)
             if messages:
                 batch: list[typing.Any] = []
                 # Counting in C (map) instead of per record in Python: this loop is the ingest

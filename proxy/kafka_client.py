@@ -72,6 +72,21 @@ def make_consumer(properties: typing.Mapping[str, str], *, defaults: typing.Mapp
         raise ValueError(f"invalid Kafka client settings: {scrub(exc.args[0].str(), properties)}") from None
 
 
+def consume_available(consumer: Consumer, max_messages: int, wait: float) -> list[typing.Any]:
+    """What is queued (up to max_messages), waiting at most `wait` seconds only when nothing is.
+
+    consume(n, timeout) returns only once it has n messages or the timeout passed, which adds the
+    whole timeout to every batch at low rates. The wait ends at the first record of a fetch; the
+    rest of that fetch came with it, so take it too instead of handing on one record alone.
+    """
+    messages = consumer.consume(max_messages, 0)
+    if not messages:
+        messages = consumer.consume(1, wait)
+        if messages:
+            messages += consumer.consume(max_messages - 1, 0)
+    return messages
+
+
 def list_partitions(client: typing.Any, timeout: float) -> dict[str, list[int]]:
     """Topic name → partition ids, without creating topics; raises KafkaUnavailable."""
     try:

@@ -204,9 +204,8 @@ class PartitionScanner:
             if self._fatal_error is not None:
                 raise KafkaUnavailable(f"Kafka client failed: {kafka_client.describe(self._fatal_error)}")
             try:
-                # Take what is queued without waiting; only an empty queue waits, briefly, so the
-                # end of a topic is not delayed by a timeout and a cancel is seen quickly.
-                batch = self._consumer.consume(self.BATCH, timeout=0) or self._consumer.consume(1, timeout=0.05)
+                # Only an empty queue waits, briefly, so a cancel is seen quickly.
+                batch = kafka_client.consume_available(self._consumer, self.BATCH, 0.05)
             except KafkaException as exc:
                 raise KafkaUnavailable(f"Kafka client failed: {kafka_client.describe(exc.args[0])}") from None
             if batch:
