@@ -18,6 +18,8 @@ DEFAULT_TOPICS = [
 POLICIES = ("public", "owner", "owner_or_unowned")
 TRANSPORTS = ("websocket", "xhr_streaming", "xhr", "eventsource", "jsonp", "htmlfile")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What Kafka accepts as a topic name.
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 class ConfigError(Exception):
@@ -160,7 +162,7 @@ def _check_values(config: Config, source: str) -> None:
     if len(set(config.topics)) != len(config.topics):
         fail("topics", "lists a topic twice")
     for i, topic in enumerate(config.topics):
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic):
+        if not TOPIC_NAME.fullmatch(topic):
             fail(f"topics[{i}]", f"is not a valid Kafka topic name: {topic!r}")
     if not config.live.prefix.startswith("/") or config.live.prefix.endswith("/"):
         fail("live.prefix", "must start with '/' and not end with '/'")

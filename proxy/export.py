@@ -24,7 +24,7 @@ import ujson
 from confluent_kafka import OFFSET_BEGINNING
 
 from proxy import kafka_client
-from proxy.config import Config, kafka_properties
+from proxy.config import TOPIC_NAME, Config, kafka_properties
 from proxy.csv_export import CsvExportWriter
 from proxy.data_folder import DataFolder
 from proxy.metrics import EXPORT_DURATION, EXPORT_REQUESTS, ROWS_EXPORTED
@@ -45,7 +45,6 @@ ALL_TOPICS_COLUMNS = ("topic", "partition", "offset", "timestamp", "value")
 # (a label per requested name would let any client grow the metrics without bound).
 ALL_TOPICS_LABEL = "all"
 OTHER_TOPIC_LABEL = "other"
-KAFKA_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _PLAIN_LOG_VALUE = re.compile(r"[A-Za-z0-9._:+/=@-]+")
 
@@ -371,7 +370,7 @@ class ExportService:
             raise BadRequest("'from' is after 'to'")
         if request.limit is not None and request.limit < 0:
             raise BadRequest("'limit' must be 0 or more")
-        if request.topic is not None and not KAFKA_TOPIC_NAME.fullmatch(request.topic):
+        if request.topic is not None and not TOPIC_NAME.fullmatch(request.topic):
             raise UnknownTopic(f"no such topic: {request.topic}")
         if len(self._running) >= self.max_concurrent:
             raise TooManyExports(f"{self.max_concurrent} exports are running; try again later",
