@@ -42,15 +42,27 @@ def unique_topics(*names: str) -> list[str]:
     return [f"{name}-{suffix}" for name in names]
 
 
-def produce(bootstrap: str, topic: str, values: typing.Iterable[typing.Any], partition: int | None = None,
-            timestamps: typing.Iterable[int] | None = None) -> None:
-    """Write values (dicts are JSON-encoded, bytes as they are) and wait for the acks."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+def produce(bootstrap: str, topic: str, values: typing.Iterable[typing.Any],
+            partition: int | typing.Sequence[int] | None = None, timestamps: typing.Iterable[int] | None = None,
+            one_record_per_batch: bool = False) -> None:
+    """Write values (dicts are JSON-encoded, bytes as they are) and wait until every one is acked.
+
+    partition: one for all values, or one per value; timestamps: one record timestamp per value.
+    one_record_per_batch: exact end offsets even on brokers whose ListOffsets misreads batches.
+    """
+    settings: dict[str, typing.Any] = {"bootstrap.servers": bootstrap, "linger.ms": 1}
+    if one_record_per_batch:
+        settings["batch.num.messages"] = 1
+    producer = Producer(settings)
+    partitions = iter(partition) if isinstance(partition, typing.Sequence) else None
     stamps = iter(timestamps) if timestamps is not None else None
+    failures: list[typing.Any] = []
     for value in values:
         raw = value if isinstance(value, bytes) else json.dumps(value).encode()
-        kwargs: dict[str, typing.Any] = {}
-        if partition is not None:
+        kwargs: dict[str, typing.Any] = {"on_delivery": lambda error, _: error and failures.append(error)}
+        if partitions is not None:
+            kwargs["partition"] = next(partitions)
+        elif partition is not None:
             kwargs["partition"] = partition
         if stamps is not None:
             kwargs["timestamp"] = next(stamps)
@@ -60,7 +72,9 @@ def produce(bootstrap: str, topic: str, values: typing.Iterable[typing.Any], par
                 break
             except BufferError:  # the local queue is full: let deliveries drain it
                 producer.poll(0.1)
-    assert producer.flush(10) == 0, "producer did not deliver everything"
+    for extra in (partitions, stamps):
+        assert extra is None or next(extra, None) is None, "more partitions or timestamps than values"
+    assert producer.flush(30) == 0 and not failures, f"not delivered: {failures[:3]}"
 
 
 class ProxyProcess:

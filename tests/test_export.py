@@ -26,7 +26,6 @@ import pytest
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
-from confluent_kafka import Producer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +37,7 @@ from proxy.export_api import DataFileHandler, ExportHandler
 from proxy.http_api import NotFoundHandler
 from proxy.metrics import REGISTRY
 from proxy.policy import VisibilityPolicy, default_topic_rules, merchant_id_for
+from tests.support import produce
 from tests.support import wait_until
 
 BASE_TIME_MS = 1_521_194_400_000  # 2018-03-16T10:00:00Z
@@ -87,22 +87,6 @@ def expected_cell(value: typing.Any) -> str:
         except ValueError:
             return "'" + value
     return value
-
-
-def produce(bootstrap: str, topic: str, messages: typing.Sequence[typing.Any], partitions: typing.Sequence[int],
-            timestamps: typing.Sequence[int], one_record_per_batch: bool = False) -> None:
-    """Write JSON messages to chosen partitions with chosen record timestamps; wait for every ack."""
-    producer_settings = {"bootstrap.servers": bootstrap, "linger.ms": 5}
-    if one_record_per_batch:
-        producer_settings["batch.num.messages"] = 1
-    producer = Producer(producer_settings)
-    failures: list[typing.Any] = []
-    for message, partition, timestamp in zip(messages, partitions, timestamps, strict=True):
-        value = message if isinstance(message, bytes) else json.dumps(message).encode()
-        producer.produce(topic, value, partition=partition, timestamp=timestamp,
-                         on_delivery=lambda error, _: error and failures.append(error))
-        producer.poll(0)
-    assert producer.flush(30) == 0 and not failures, f"not delivered: {failures[:3]}"
 
 
 @dataclasses.dataclass
