@@ -30,8 +30,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.processes import (  # noqa: E402
-    BENCH, ENV, CpuMeter, LoadClients, ProducerProcess, ProxyProcess, format_cpu, stop)
-from proxy.broker import TansuBroker, free_port  # noqa: E402
+    BENCH, ENV, CpuMeter, LoadClients, ProducerProcess, ProxyProcess, format_cpu)
+from proxy.broker import TansuBroker, free_port, terminate  # noqa: E402
 
 TARGET = 1_000_000
 TOPIC = "bench-live"
@@ -113,7 +113,7 @@ def ceiling(clients: int, seconds: float, per_frame: int) -> dict:
     finally:
         if load is not None:
             load.stop()
-        stop(server)
+        terminate(server, 10.0)
 
 
 def run(clients: int = 50, steps: tuple[float, ...] = STEPS, step_seconds: float = 3.0, partitions: int = 1,

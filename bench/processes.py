@@ -36,11 +36,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def stop(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM this one process, then SIGKILL it if it lingers."""
-    terminate(process, timeout)
-
-
 class ProxyProcess(support.ProxyProcess):
     """The tests' proxy process (python -m proxy with a YAML config), plus its Prometheus counters."""
 
@@ -113,7 +108,7 @@ class LoadClients:
                 self.process.wait(5)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        stop(self.process)
+        terminate(self.process, 10.0)
 
 
 class ProducerProcess:
@@ -144,7 +139,7 @@ class ProducerProcess:
         return json.loads(out.strip().splitlines()[-1])
 
     def stop(self) -> None:
-        stop(self.process)
+        terminate(self.process, 10.0)
 
 
 class CpuMeter:
