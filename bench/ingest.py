@@ -17,12 +17,13 @@ from confluent_kafka import Consumer, TopicPartition
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy import kafka_client  # noqa: E402
-from proxy.broker import TansuBroker  # noqa: E402
-from proxy.config import Config  # noqa: E402
-from proxy.ingest import KafkaIngest  # noqa: E402
-from proxy.live import LiveHub  # noqa: E402
-from proxy.simulator import MarketSimulator  # noqa: E402
+from proxy.config import Config, kafka_settings  # noqa: E402
+from proxy.demo.broker import TansuBroker  # noqa: E402
+from proxy.demo.simulator import MarketSimulator  # noqa: E402
+from proxy.kafka import KafkaReader  # noqa: E402
+from proxy.live.decode import RecordDecoder  # noqa: E402
+from proxy.live.fanout import LiveHub  # noqa: E402
+from proxy.live.ingest import KafkaIngest  # noqa: E402
 
 
 def fill_topic(bootstrap: str, topic: str, count: int) -> int:
@@ -70,13 +71,15 @@ def proxy_path(bootstrap: str, topic: str, partitions: int, count: int) -> float
         loop = asyncio.get_running_loop()
         hub = LiveHub([topic], 100)
 
-        ingest = KafkaIngest(config, hub.load_history, hub.publish, loop.call_soon_threadsafe,
-                             wants_every_message=lambda: hub.session_count() > 0)
-        consumer = kafka_client.make_consumer(ingest.properties)
-        assignment = [TopicPartition(topic, p, 0) for p in range(partitions)]
+        decoder = RecordDecoder(config.topics, config.live.drop_failed_requests)
+        ingest = KafkaIngest(kafka_settings(config), config.topics, config.history_size,
+                             config.topic_refresh_interval, decoder, hub.load_history, hub.publish,
+                             loop.call_soon_threadsafe, wants_every_message=lambda: hub.session_count() > 0)
+        consumer = KafkaReader(ingest.kafka.properties)
+        assignment = {(topic, p): 0 for p in range(partitions)}
         consumer.assign(assignment)
         ingest._remember(assignment)
-        ingest.history_loaded = True
+        ingest.health.history_loaded = True
         started = time.perf_counter()
         thread = threading.Thread(target=ingest._follow, args=(consumer,), daemon=True)
         thread.start()

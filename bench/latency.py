@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.processes import CpuMeter, LoadClients, ProducerProcess, ProxyProcess, format_cpu  # noqa: E402
-from proxy.broker import TansuBroker  # noqa: E402
+from proxy.demo.broker import TansuBroker  # noqa: E402
 
 TARGET_P99_MS = 50.0
 TOPIC = "bench-latency"

@@ -19,8 +19,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, REPO)
 
-from proxy.broker import terminate  # noqa: E402
-from tests import support  # noqa: E402
+from proxy import testing  # noqa: E402
+from proxy.demo.broker import terminate  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ENV = dict(os.environ, PYTHONPATH=REPO)
@@ -36,7 +36,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-class ProxyProcess(support.ProxyProcess):
+class ProxyProcess(testing.ProxyProcess):
     """The tests' proxy process (python -m proxy with a YAML config), plus its Prometheus counters."""
 
     def __init__(self, bootstrap: str, topics: list[str], env: dict[str, str] | None = None):

@@ -27,7 +27,7 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy.simulator import MarketSimulator  # noqa: E402
+from proxy.demo.simulator import MarketSimulator  # noqa: E402
 
 TICK = 0.001  # the paced producer sends what is due every millisecond
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
-import os
 import re
 import signal
 import typing
@@ -14,13 +14,15 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
-from proxy import export_api, http_api, metrics
-from proxy.config import TRANSPORTS, Config
-from proxy.data_folder import DataFolder
-from proxy.export import ExportService
-from proxy.ingest import KafkaIngest
-from proxy.live import SHUTDOWN_CLOSE, LiveHub, keep_freed_frames_in_heap
-from proxy.policy import merchant_id_for, token_from_authorization
+from proxy import http_api, metrics
+from proxy.config import TRANSPORTS, Config, kafka_settings
+from proxy.export import handlers as export_handlers
+from proxy.export.data_folder import DataFolder
+from proxy.export.service import ExportService
+from proxy.live.decode import RecordDecoder
+from proxy.live.fanout import SHUTDOWN_CLOSE, LiveHub
+from proxy.live.ingest import KafkaIngest
+from proxy.policy import VisibilityPolicy, merchant_id_for, token_from_authorization
 from proxy.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,12 @@ SECRET_IN_PATH = re.compile(r"[0-9a-f]{32}")
 # Shutdown waits this long for exports to stop; one stuck in a Kafka call has no file to remove yet.
 EXPORT_CANCEL_TIMEOUT = 3.0
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+
+
+def static_dir() -> str:
+    """The folder of the live page and its vendored scripts: the repository's static/, installed
+    as the package proxy.static (setup.py maps it), so a wheel serves it from site-packages."""
+    return str(importlib.resources.files("proxy.static"))
 
 
 class ProxyServer:
@@ -37,13 +44,17 @@ class ProxyServer:
 
     def __init__(self, config: Config):
         self.config = config
+        # Built once, here: every component gets only what it needs.
+        self.kafka = kafka_settings(config)  # a ${VAR} that is not set raises ConfigError
+        self.policy = VisibilityPolicy(config.export.topics)
         self.hub = LiveHub(config.topics, config.history_size)
         self.ingest: KafkaIngest | None = None
         self.http_server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self.systemd = SystemdNotifier()
         self.data_folder = DataFolder(config.data_dir, config.export.retention, config.export.max_bytes)
-        self.exports = ExportService.from_config(config, self.data_folder)
+        self.exports = ExportService(self.kafka.properties, self.policy, self.data_folder,
+                                     max_concurrent=config.export.max_concurrent)
 
     def make_app(self) -> tornado.web.Application:
         """Every URL the service has, in one list."""
@@ -53,24 +64,25 @@ class ProxyServer:
             "heartbeat_delay": config.live.heartbeat_interval,
             "max_session_queue_bytes": config.live.max_session_queue_bytes,
             "websocket_allow_origin": "*" if "*" in config.cors_origins else config.cors_origins,
-            "sockjs_url": "/static/sockjs.min.js",
+            "sockjs_url": "/static/vendor/sockjs.min.js",
             # The proxy coalesces messages itself (LiveSession); no per-message flush.
             "immediate_flush": False,
         })
         # The raw (non-SockJS) websocket endpoint would bypass the bounded, coalescing queue.
         sockjs_routes = [route for route in router.urls if not route[0].endswith("/websocket")]
         common = {"cors_origins": config.cors_origins}
+        static = static_dir()
         routes: list[typing.Any] = [
             (r"/topics/?", http_api.TopicsHandler, dict(common, hub=self.hub)),
             (r"/status/?", http_api.StatusHandler, dict(common, hub=self.hub, ingest=self.ingest)),
             (r"/health/?", http_api.HealthHandler, dict(common, ingest=self.ingest)),
             (r"/metrics/?", http_api.MetricsHandler, common),
-            (r"/+export/+data/*", export_api.ExportHandler, dict(common, service=self.exports)),
-            (r"/+export/+data/+([^/]+)/*", export_api.ExportHandler, dict(common, service=self.exports)),
-            (r"/+data/+(.*)", export_api.DataFileHandler, dict(common, path=config.data_dir)),
+            (r"/+export/+data/*", export_handlers.ExportHandler, dict(common, service=self.exports)),
+            (r"/+export/+data/+([^/]+)/*", export_handlers.ExportHandler, dict(common, service=self.exports)),
+            (r"/+data/+(.*)", export_handlers.DataFileHandler, dict(common, path=config.data_dir)),
             *sockjs_routes,
-            (r"/static/(.*)", http_api.JsonStaticFileHandler, dict(common, path=STATIC_DIR)),
-            (r"/()", http_api.JsonStaticFileHandler, dict(common, path=STATIC_DIR, default_filename="index.html")),
+            (r"/static/(.*)", http_api.JsonStaticFileHandler, dict(common, path=static)),
+            (r"/()", http_api.JsonStaticFileHandler, dict(common, path=static, default_filename="index.html")),
         ]
         return tornado.web.Application(
             routes,
@@ -81,9 +93,12 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Start the consumer thread and listen; returns once the port is open."""
-        keep_freed_frames_in_heap()
+        config = self.config
         loop = tornado.ioloop.IOLoop.current()
-        self.ingest = KafkaIngest(self.config, self._history_loaded, self.hub.publish, loop.add_callback,
+        decoder = RecordDecoder(config.topics, config.live.drop_failed_requests,
+                                {topic: self.policy.hidden_fields(topic) for topic in config.topics})
+        self.ingest = KafkaIngest(self.kafka, config.topics, config.history_size, config.topic_refresh_interval,
+                                  decoder, self._history_loaded, self.hub.publish, loop.add_callback,
                                   wants_every_message=lambda: self.hub.session_count() > 0)
         # Bad Kafka settings fail here, before anything else is touched. The history cannot reach
         # the IOLoop before the port is open: nothing below awaits.

@@ -1,20 +1,27 @@
-"""The proxy's configuration: config.yaml parsed into typed, validated settings."""
+"""The proxy's configuration: config.yaml parsed into typed, validated settings.
+
+This module owns every default. Scalar defaults are the dataclass fields below; the topic list
+and the export rules come from the shipped defaults file (config.yaml, installed with the
+package as proxy/defaults.yaml), so they exist once. A test checks that the shipped file and
+Config() agree.
+
+The validator is hand-written (about 60 lines) rather than pydantic: it needs no compiled
+dependency, and its messages name the file and the dotted key ("config.yaml: 'live.transports[0]'
+must be one of ..."), which is what an operator reading an exit-2 message needs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.resources
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 
 import yaml
-
-DEFAULT_TOPICS = [
-    "addOffer", "buyOffer", "profit", "updateOffer", "updates", "salesPerMinutes",
-    "cumulativeAmountBasedMarketshare", "cumulativeRevenueBasedMarketshare", "marketSituation",
-    "revenuePerMinute", "revenuePerHour", "profitPerMinute", "inventory_level",
-]
 POLICIES = ("public", "owner", "owner_or_unowned")
 TRANSPORTS = ("websocket", "xhr_streaming", "xhr", "eventsource", "jsonp", "htmlfile")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -45,17 +52,29 @@ class LiveConfig:
 @dataclass
 class TopicExportConfig:
     policy: str = "owner"
-    columns: typing.Optional[list[str]] = None
+    columns: list[str] | None = None
     drop_columns: list[str] = field(default_factory=list)
-    flatten: typing.Optional[str] = None
+    flatten: str | None = None
     parent_fields: dict[str, str] = field(default_factory=dict)
 
 
-def _default_export_topics() -> dict[str, TopicExportConfig]:
-    # The rules live with the policy that applies them (proxy.policy.DEFAULT_EXPORT_RULES).
-    from proxy.policy import default_topic_rules
+@functools.cache
+def shipped_defaults() -> dict[str, typing.Any]:
+    """The defaults file shipped with the package (the repository's config.yaml)."""
+    text = importlib.resources.files("proxy").joinpath("defaults.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
 
-    return default_topic_rules()
+
+def default_topics() -> list[str]:
+    """The 13 Price Wars live topics, in the order clients receive their history."""
+    return list(shipped_defaults()["topics"])
+
+
+def default_topic_rules() -> dict[str, TopicExportConfig]:
+    """The shipped export rules as typed per-topic settings (a fresh copy each call)."""
+    raw = shipped_defaults()["export"]["topics"]
+    return {topic: _convert(TopicExportConfig, rules, "<shipped defaults>", f"export.topics.{topic}")
+            for topic, rules in raw.items()}
 
 
 @dataclass
@@ -64,14 +83,14 @@ class ExportConfig:
     retention: float = 3600.0
     max_bytes: int = 1024 ** 3
     sweep_interval: float = 60.0
-    topics: dict[str, TopicExportConfig] = field(default_factory=_default_export_topics)
+    topics: dict[str, TopicExportConfig] = field(default_factory=default_topic_rules)
 
 
 @dataclass
 class Config:
-    kafka_url: typing.Optional[str] = None
+    kafka_url: str | None = None
     kafka: dict[str, typing.Any] = field(default_factory=dict)
-    topics: list[str] = field(default_factory=lambda: list(DEFAULT_TOPICS))
+    topics: list[str] = field(default_factory=default_topics)
     history_size: int = 100
     topic_refresh_interval: float = 2.0
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -85,7 +104,7 @@ class Config:
 
 
 def load_config(path: str, *, required: bool = False) -> Config:
-    """Read and validate a YAML config file; a missing optional file gives the defaults."""
+    """Read and validate a YAML config file; a missing optional file gives the shipped defaults."""
     try:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)
@@ -126,10 +145,13 @@ def _build(cls: type, raw: typing.Any, source: str, prefix: str) -> typing.Any:
 def _convert(hint: typing.Any, value: typing.Any, source: str, key: str) -> typing.Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X], written either way
+        if value is None and type(None) in args:
             return None
-        return _convert(args[0], value, source, key)
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"config field {key}: only X | None unions are supported")
+        return _convert(options[0], value, source, key)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, source, key + ".")
     if origin is list:
@@ -181,6 +203,9 @@ def _check_values(config: Config, source: str) -> None:
     for key in ("retention", "max_bytes", "sweep_interval"):
         if getattr(config.export, key) <= 0:
             fail(f"export.{key}", "must be positive")
+    if not config.export.topics:
+        # A configuration without export rules gets the shipped ones, never "export nothing".
+        config.export.topics = default_topic_rules()
     for topic, rules in config.export.topics.items():
         if rules.policy not in POLICIES:
             fail(f"export.topics.{topic}.policy", f"must be one of {', '.join(POLICIES)}")
@@ -201,20 +226,39 @@ def expand_env(value: str, environ: typing.Mapping[str, str] | None = None) -> s
             raise ConfigError(f"environment variable {name} is not set (used as ${{{name}}} in the kafka settings)")
         return env[name]
 
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, value)
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """librdkafka properties with ${VAR} expanded, and the expanded values (secrets, never logged)."""
+
+    properties: dict[str, str]
+    secrets: frozenset[str]
+
+
+def kafka_settings(config: Config) -> KafkaSettings:
+    """The Kafka client settings of the config; bootstrap from kafka_url. A missing ${VAR} raises."""
+    props: dict[str, str] = {}
+    secrets: set[str] = set()
+    for key, value in config.kafka.items():
+        if isinstance(value, bool):
+            props[key] = "true" if value else "false"
+            continue
+        text = str(value)
+        props[key] = expand_env(text)
+        secrets.update(expand_env(match.group(0)) for match in _ENV_REFERENCE.finditer(text))
+    if config.kafka_url:
+        props["bootstrap.servers"] = config.kafka_url
+    return KafkaSettings(props, frozenset(secrets))
 
 
 def kafka_properties(config: Config) -> dict[str, str]:
     """librdkafka properties from the config with ${VAR} expanded; bootstrap from kafka_url."""
-    props: dict[str, str] = {}
-    for key, value in config.kafka.items():
-        if isinstance(value, bool):
-            props[key] = "true" if value else "false"
-        else:
-            props[key] = expand_env(str(value))
-    if config.kafka_url:
-        props["bootstrap.servers"] = config.kafka_url
-    return props
+    return kafka_settings(config).properties
 
 
 def _type_name(value: typing.Any) -> str:

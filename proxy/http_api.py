@@ -13,8 +13,8 @@ import ujson
 from proxy import metrics
 
 if typing.TYPE_CHECKING:
-    from proxy.ingest import KafkaIngest
-    from proxy.live import LiveHub
+    from proxy.live.fanout import LiveHub
+    from proxy.live.ingest import KafkaIngest
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class HealthHandler(JsonHandler):
     ingest: KafkaIngest
 
     def get(self) -> None:
-        state, reason = self.ingest.health()
+        state, reason = self.ingest.health.state()
         body: dict[str, typing.Any] = {"status": state}
         if reason:
             body["reason"] = reason

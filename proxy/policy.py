@@ -7,50 +7,20 @@ the live stream for the fields nobody is shown. The rules themselves are data (e
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 
-import yaml
 
-if typing.TYPE_CHECKING:
-    from proxy.config import ExportConfig, TopicExportConfig
+class TopicRules(typing.Protocol):
+    """One topic's visibility rules, as configured (export.topics.<topic> in config.yaml)."""
 
-# The export rules used when the configuration declares none (no export.topics section).
-# Kept in sync with the commented defaults in config.yaml.
-DEFAULT_EXPORT_RULES: dict[str, dict[str, typing.Any]] = yaml.safe_load("""
-marketSituation:
-  policy: public
-  flatten: offers
-  parent_fields: {timestamp: timestamp, triggering_merchant_id: merchant_id, trigger: trigger}
-  columns: [timestamp, triggering_merchant_id, trigger, offer_id, uid, product_id, quality,
-            merchant_id, amount, price, shipping_time_standard, shipping_time_prime, prime]
-buyOffer:
-  policy: owner
-  columns: [offer_id, uid, product_id, quality, price, amount, merchant_id, left_in_stock,
-            consumer_id, http_code, timestamp]
-addOffer:
-  policy: owner
-  drop_columns: [signature]
-  columns: [offer_id, uid, product_id, quality, merchant_id, amount, price,
-            shipping_time_standard, shipping_time_prime, prime, http_code, timestamp]
-updateOffer:
-  policy: owner
-  columns: [offer_id, uid, product_id, quality, merchant_id, amount, price,
-            shipping_time_standard, shipping_time_prime, prime, http_code, timestamp]
-profit: {policy: owner, columns: [merchant_id, profit, timestamp]}
-profitPerMinute: {policy: owner, columns: [merchant_id, profit, timestamp]}
-profitPerHour: {policy: owner, columns: [merchant_id, profit, timestamp]}
-revenuePerMinute: {policy: owner, columns: [merchant_id, revenue, timestamp]}
-revenuePerHour: {policy: owner, columns: [merchant_id, revenue, timestamp]}
-cumulativeRevenue: {policy: owner, columns: [merchant_id, revenue, timestamp]}
-cumulativeAmountBasedMarketshare: {policy: owner, columns: [merchant_id, marketshare, timestamp]}
-cumulativeRevenueBasedMarketshare: {policy: owner, columns: [merchant_id, marketshare, timestamp]}
-inventory_level: {policy: owner, columns: [merchant_id, level, timestamp]}
-updates: {policy: owner_or_unowned}
-salesPerMinutes: {policy: owner_or_unowned}
-""")
+    policy: str
+    columns: list[str] | None
+    drop_columns: list[str]
+    flatten: str | None
+    parent_fields: dict[str, str]
+
 
 OWNER_FIELD = "merchant_id"
 
@@ -73,24 +43,12 @@ def token_from_authorization(header: str | None) -> str | None:
     return None
 
 
-def default_topic_rules() -> dict[str, TopicExportConfig]:
-    """DEFAULT_EXPORT_RULES as typed per-topic settings (a fresh copy each call)."""
-    # Imported here, not at the top, so proxy.config may itself use this function as a default.
-    from proxy.config import TopicExportConfig
-
-    return {topic: TopicExportConfig(**copy.deepcopy(rules)) for topic, rules in DEFAULT_EXPORT_RULES.items()}
-
-
 class VisibilityPolicy:
     """Decides, per topic and merchant, which messages and CSV rows a merchant may see."""
 
-    def __init__(self, topics: Mapping[str, TopicExportConfig] | None = None):
-        # A configuration without any export rules gets the defaults, never "export nothing".
-        self._rules: dict[str, TopicExportConfig] = dict(topics) if topics else default_topic_rules()
-
-    @classmethod
-    def from_config(cls, export: ExportConfig) -> VisibilityPolicy:
-        return cls(export.topics)
+    def __init__(self, rules: Mapping[str, TopicRules]):
+        """rules: per exportable topic, in configuration order; any other topic is never shown."""
+        self._rules: dict[str, TopicRules] = dict(rules)
 
     def is_exportable(self, topic: str) -> bool:
         return topic in self._rules

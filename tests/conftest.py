@@ -6,8 +6,8 @@ import typing
 
 import pytest
 
-from proxy.broker import TansuBroker
-from tests.support import ProxyProcess, SockJSClient
+from proxy.demo.broker import TansuBroker
+from proxy.testing import ProxyProcess, SockJSClient
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.csv_export import CsvExportWriter, csv_cell
+from proxy.export.csv_writer import CsvExportWriter, csv_cell
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 

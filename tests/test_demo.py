@@ -9,9 +9,9 @@ import subprocess
 import sys
 import typing
 
-from proxy.broker import free_port, terminate
-from proxy.config import DEFAULT_TOPICS
-from tests.support import REPO, SockJSClient, wait_until
+from proxy.demo.broker import free_port, terminate
+from proxy.config import default_topics
+from proxy.testing import REPO, SockJSClient, wait_until
 
 
 def children_of(pid: int) -> set[int]:
@@ -60,7 +60,7 @@ def run_demo_checks(demo: subprocess.Popen, port: int, log_path: typing.Any) -> 
 
         client = SockJSClient(f"http://127.0.0.1:{port}")
         histories = client.receive(13, timeout=20)
-        assert [(m["type"], m["topic"]) for m in histories] == [("history", t) for t in DEFAULT_TOPICS]
+        assert [(m["type"], m["topic"]) for m in histories] == [("history", t) for t in default_topics()]
         live = client.receive(10, timeout=20)
         assert all(m["type"] == "message" for m in live)
 

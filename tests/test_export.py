@@ -29,16 +29,18 @@ import tornado.web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.broker import TansuBroker, free_port
+from proxy.demo.broker import TansuBroker, free_port
 from proxy.config import TopicExportConfig
-from proxy.data_folder import DataFolder
-from proxy.export import ExportCancelled, ExportKafkaUnavailable, ExportService
-from proxy.export_api import DataFileHandler, ExportHandler
+from proxy.export.data_folder import DataFolder
+from proxy.export.errors import ExportCancelled, ExportKafkaUnavailable
+from proxy.export.service import ExportService
+from proxy.export.handlers import DataFileHandler, ExportHandler
 from proxy.http_api import NotFoundHandler
 from proxy.metrics import REGISTRY
-from proxy.policy import VisibilityPolicy, default_topic_rules, merchant_id_for
-from tests.support import produce
-from tests.support import wait_until
+from proxy.config import default_topic_rules
+from proxy.policy import VisibilityPolicy, merchant_id_for
+from proxy.testing import produce
+from proxy.testing import wait_until
 
 BASE_TIME_MS = 1_521_194_400_000  # 2018-03-16T10:00:00Z
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -213,7 +215,7 @@ def start_proxy(server_thread: ServerThread, bootstrap: str, data_dir: str, rule
                 cors_origins: typing.Sequence[str] = ("*",), **service_options: typing.Any) -> Proxy:
     os.makedirs(data_dir, exist_ok=True)
     folder = DataFolder(data_dir, retention_seconds=3600, max_bytes=1024 ** 3)
-    service = ExportService({"bootstrap.servers": bootstrap}, VisibilityPolicy(rules), folder, **service_options)
+    service = ExportService({"bootstrap.servers": bootstrap}, VisibilityPolicy(rules or default_topic_rules()), folder, **service_options)
     return Proxy(server_thread.serve(make_app(service, data_dir, cors_origins)), service, data_dir)
 
 
@@ -708,7 +710,7 @@ def test_failed_export_leaves_no_file(tmp_path: typing.Any) -> None:
         produce(doomed.bootstrap_servers, "buyOffer",
                 [{"offer_id": i, "merchant_id": MERCHANTS[0], "note": "y" * 100} for i in range(count)],
                 [i % 2 for i in range(count)], [BASE_TIME_MS + i for i in range(count)])
-        service = ExportService({"bootstrap.servers": doomed.bootstrap_servers}, VisibilityPolicy(),
+        service = ExportService({"bootstrap.servers": doomed.bootstrap_servers}, VisibilityPolicy(default_topic_rules()),
                                 DataFolder(str(data_dir), 3600, 1024 ** 3), kafka_timeout=2.0)
 
         async def broker_dies_during_export() -> None:

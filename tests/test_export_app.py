@@ -7,9 +7,9 @@ import urllib.request
 
 import pandas
 
-from proxy.broker import TansuBroker
-from proxy.simulator import MarketSimulator, Merchant
-from tests.support import produce, unique_topics
+from proxy.demo.broker import TansuBroker
+from proxy.demo.simulator import MarketSimulator, Merchant
+from proxy.testing import produce, unique_topics
 
 
 def test_merchant_sdk_download_gets_only_its_own_sales_and_every_market_situation(start_proxy, tmp_path):

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from proxy.broker import TansuBroker, free_port
-from tests.support import produce, unique_topics, wait_until
+from proxy.demo.broker import TansuBroker, free_port
+from proxy.testing import produce, unique_topics, wait_until
 
 
 def history_of(messages: list[dict], topic: str) -> list[dict]:

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from proxy.broker import TansuBroker
-from tests.support import REPO, SockJSClosed, produce, unique_topics, wait_until
+from proxy.demo.broker import TansuBroker
+from proxy.testing import REPO, SockJSClosed, produce, unique_topics, wait_until
 
 
 def test_sigterm_closes_sessions_with_3000_and_exits_0_within_10_seconds(broker, start_proxy, sockjs):

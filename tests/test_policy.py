@@ -10,14 +10,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import TopicExportConfig, load_config, parse_config
-from proxy.policy import (
-    DEFAULT_EXPORT_RULES,
-    VisibilityPolicy,
-    default_topic_rules,
-    merchant_id_for,
-    token_from_authorization,
-)
+from proxy.config import Config, ConfigError, TopicExportConfig, default_topic_rules, load_config, parse_config, shipped_defaults
+from proxy.policy import VisibilityPolicy, merchant_id_for, token_from_authorization
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOWN_TOKEN = "ddObEKSew8sIa9aZvJrdSs78K5zVIuCvYaXlu0Rs8KBjUlJQ5B3W4AeOGetYZ6U7"
@@ -49,16 +43,29 @@ def test_default_rules_are_the_ones_config_yaml_documents() -> None:
     assert documented == default_topic_rules()
 
 
+def test_shipped_config_yaml_and_the_built_in_defaults_agree_on_every_key() -> None:
+    documented = load_config(os.path.join(REPO, "config.yaml"), required=True)
+    documented.source = Config().source
+    assert documented == Config()
+
+
+def test_optional_fields_written_with_the_union_operator_are_validated() -> None:
+    with pytest.raises(ConfigError, match="export.topics.t.columns"):
+        parse_config({"export": {"topics": {"t": {"columns": "not-a-list"}}}})
+    with pytest.raises(ConfigError, match="kafka_url"):
+        parse_config({"kafka_url": 42})
+
+
 def test_config_without_export_topics_gets_the_default_rules() -> None:
-    policy = VisibilityPolicy.from_config(parse_config({}).export)
-    assert policy.exportable_topics() == list(DEFAULT_EXPORT_RULES)
+    policy = VisibilityPolicy(parse_config({}).export.topics)
+    assert policy.exportable_topics() == list(shipped_defaults()["export"]["topics"])
     assert policy.is_exportable("buyOffer")
     assert not policy.is_exportable("producer")
 
 
 def test_configured_rules_replace_the_defaults() -> None:
     config = parse_config({"export": {"topics": {"orders": {"policy": "public"}}}})
-    policy = VisibilityPolicy.from_config(config.export)
+    policy = VisibilityPolicy(config.export.topics)
     assert policy.exportable_topics() == ["orders"]
     assert not policy.is_exportable("buyOffer")
 
@@ -70,7 +77,7 @@ def test_default_rules_are_a_fresh_copy_each_time() -> None:
 
 
 def test_topic_without_rules_shows_nothing() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     sale = {"merchant_id": ME, "product_id": 1, "quantity": 3}
     assert not policy.is_exportable("producer")
     assert list(policy.visible_rows("producer", sale, ME)) == []
@@ -78,7 +85,7 @@ def test_topic_without_rules_shows_nothing() -> None:
 
 
 def test_merchant_sees_its_own_sale_but_never_a_competitors() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     mine = {"offer_id": 1, "merchant_id": ME, "price": 3.5}
     theirs = {"offer_id": 2, "merchant_id": RIVAL, "price": 3.5}
     assert list(policy.visible_rows("buyOffer", mine, ME)) == [mine]
@@ -86,27 +93,27 @@ def test_merchant_sees_its_own_sale_but_never_a_competitors() -> None:
 
 
 def test_statistics_without_an_owner_are_hidden_under_owner_policy() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     assert list(policy.visible_rows("profit", {"profit": 1.0, "timestamp": "t"}, ME)) == []
     assert list(policy.visible_rows("profit", {"merchant_id": None, "profit": 1.0}, ME)) == []
 
 
 def test_anonymous_reader_sees_only_public_and_unowned_rows() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     assert not policy.is_visible("buyOffer", {"merchant_id": ME}, None)
     assert policy.is_visible("updates", {"note": "x"}, None)
     assert policy.is_visible("marketSituation", {"offers": []}, None)
 
 
 def test_owner_or_unowned_shows_own_and_unowned_rows() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     assert policy.is_visible("updates", {"merchant_id": ME, "x": 1}, ME)
     assert policy.is_visible("updates", {"x": 1}, ME)
     assert not policy.is_visible("updates", {"merchant_id": RIVAL, "x": 1}, ME)
 
 
 def test_add_offer_signature_is_never_visible() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     offer = {"offer_id": 1, "merchant_id": ME, "signature": "c2VjcmV0", "price": 2.0}
     rows = list(policy.visible_rows("addOffer", offer, ME))
     assert rows == [{"offer_id": 1, "merchant_id": ME, "price": 2.0}]
@@ -115,7 +122,7 @@ def test_add_offer_signature_is_never_visible() -> None:
 
 
 def test_market_situation_is_one_row_per_offer_with_the_snapshot_fields() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     snapshot = {"timestamp": "2018-03-16T10:00:37.917Z", "trigger": "addOffer", "merchant_id": RIVAL,
                 "product_id": 1, "offers": [{"offer_id": 2, "merchant_id": OTHER, "price": 22.75},
                                             {"offer_id": 3, "merchant_id": ME, "price": 20.0}]}
@@ -131,7 +138,7 @@ def test_market_situation_is_one_row_per_offer_with_the_snapshot_fields() -> Non
 
 
 def test_market_situation_without_offers_has_no_rows() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     assert list(policy.visible_rows("marketSituation", {"timestamp": "t", "offers": []}, ME)) == []
     assert list(policy.visible_rows("marketSituation", {"timestamp": "t"}, ME)) == []
 
@@ -147,11 +154,11 @@ def test_dropped_columns_leave_the_declared_columns_and_flattened_items() -> Non
 
 
 def test_topic_without_declared_columns_infers_them() -> None:
-    assert VisibilityPolicy().columns("updates") is None
+    assert VisibilityPolicy(default_topic_rules()).columns("updates") is None
 
 
 def test_non_object_messages_are_never_visible() -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     for message in ([1, 2], "text", 3, None):
         assert list(policy.visible_rows("marketSituation", typing.cast(dict, message), ME)) == []
 
@@ -163,7 +170,7 @@ maybe_owned_message = st.fixed_dictionaries({}, optional={"merchant_id": merchan
 
 @given(owned_message, merchants)
 def test_owner_rows_always_belong_to_the_requester(message: dict, merchant: str) -> None:
-    policy = VisibilityPolicy()
+    policy = VisibilityPolicy(default_topic_rules())
     for topic in ("buyOffer", "addOffer", "updateOffer", "profit", "inventory_level"):
         rows = list(policy.visible_rows(topic, message, merchant))
         assert len(rows) == (1 if message["merchant_id"] == merchant else 0)
@@ -174,7 +181,7 @@ def test_owner_rows_always_belong_to_the_requester(message: dict, merchant: str)
 
 @given(maybe_owned_message, merchants)
 def test_owner_or_unowned_rows_are_the_requesters_or_nobodys(message: dict, merchant: str) -> None:
-    rows = list(VisibilityPolicy().visible_rows("updates", message, merchant))
+    rows = list(VisibilityPolicy(default_topic_rules()).visible_rows("updates", message, merchant))
     expected_visible = message.get("merchant_id") in (None, merchant)
     assert rows == ([message] if expected_visible else [])
 
@@ -183,12 +190,12 @@ def test_owner_or_unowned_rows_are_the_requesters_or_nobodys(message: dict, merc
        merchants, merchants)
 def test_every_offer_of_every_snapshot_is_public(offers: list, trigger: str, merchant: str) -> None:
     snapshot = {"timestamp": "t", "trigger": "updateOffer", "merchant_id": trigger, "offers": offers}
-    rows = list(VisibilityPolicy().visible_rows("marketSituation", snapshot, merchant))
+    rows = list(VisibilityPolicy(default_topic_rules()).visible_rows("marketSituation", snapshot, merchant))
     assert [row["offer_id"] for row in rows] == [offer["offer_id"] for offer in offers]
     assert all(row["triggering_merchant_id"] == trigger and row["timestamp"] == "t" for row in rows)
 
 
 def test_default_rules_yaml_lists_only_known_policies() -> None:
     # A typo in the defaults would slip past config validation, which sees only config files.
-    config = parse_config({"export": {"topics": yaml.safe_load(yaml.safe_dump(DEFAULT_EXPORT_RULES))}})
-    assert set(config.export.topics) == set(DEFAULT_EXPORT_RULES)
+    config = parse_config({"export": {"topics": yaml.safe_load(yaml.safe_dump(shipped_defaults()["export"]["topics"]))}})
+    assert set(config.export.topics) == set(shipped_defaults()["export"]["topics"])

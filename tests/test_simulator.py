@@ -13,8 +13,8 @@ import pytest
 import ujson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from proxy.broker import TansuBroker
-from proxy.simulator import (
+from proxy.demo.broker import TansuBroker
+from proxy.demo.simulator import (
     PRODUCED_TOPICS,
     STATISTICS_TOPICS,
     MarketSimulator,

@@ -18,10 +18,10 @@ import uuid
 
 import pytest
 
-from proxy.broker import TansuBroker, free_port
+from proxy.demo.broker import TansuBroker, free_port
 from proxy.cli import parse_args
 from proxy.systemd import SystemdNotifier
-from tests.support import REPO, unique_topics, wait_until
+from proxy.testing import REPO, unique_topics, wait_until
 
 UNIT_PATH = os.path.join(REPO, "deploy", "kafka-reverse-proxy.service")
 INSTALLED_PROXY = "/opt/kafka-reverse-proxy/.venv/bin/kafka-reverse-proxy"

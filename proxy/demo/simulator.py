@@ -6,14 +6,13 @@ of the real marketplace (see /work/shared/pricewars-data.md), and the market sta
 consistent: sales refer to existing offers at their current price and stock goes down.
 
 Used by the proxy's ``--demo`` mode (in a background thread), the integration tests and the
-benchmarks. Run it alone with ``python -m proxy.simulator --kafka-url HOST:PORT``.
+benchmarks. Run it alone with ``python -m proxy.demo.simulator --kafka-url HOST:PORT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import logging
 import random
 import secrets
@@ -28,14 +27,7 @@ from typing import Any
 import ujson
 from confluent_kafka import KafkaError, Message, Producer
 
-try:
-    from proxy.policy import merchant_id_for
-except ImportError:  # the policy module is the single owner of this rule once it exists
-
-    def merchant_id_for(token: str) -> str:
-        """Public id of a merchant (or consumer) token: base64(sha256(token)), padded."""
-        return base64.b64encode(hashlib.sha256(token.encode("utf-8")).digest()).decode("ascii")
-
+from proxy.policy import merchant_id_for
 
 logger = logging.getLogger(__name__)
 
@@ -521,7 +513,7 @@ class MarketSimulator:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: simulate a market into a Kafka cluster."""
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.simulator",
+        prog="python -m proxy.demo.simulator",
         description="Write simulated Price Wars marketplace traffic into Kafka.")
     parser.add_argument("--kafka-url", required=True, help="bootstrap servers, HOST:PORT[,HOST:PORT...]")
     parser.add_argument("--rate", type=float, default=50.0,

@@ -1,8 +1,9 @@
-"""Merchant CSV exports: scan Kafka partitions, keep what the merchant may see, write CSV.
+"""Merchant CSV exports: admission, the export threads, and streaming to the HTTP response.
 
-Kafka scan (proxy.partition_scan) → visibility filter (proxy.policy) → CSV writer
-(proxy.csv_export) → data folder (proxy.data_folder) or the HTTP response. Everything that blocks (the Kafka client, the disk)
-runs on a thread of the export executor, so the IOLoop and the live stream never wait for an export.
+Kafka scan (proxy.export.scan) → visible rows (proxy.export.rows, asking proxy.policy) → CSV
+writer (proxy.export.csv_writer) → data folder (proxy.export.data_folder) or the HTTP response.
+Everything that blocks (the Kafka client, the disk) runs on a thread of the export executor,
+so the IOLoop and the live stream never wait for an export.
 """
 
 from __future__ import annotations
@@ -10,132 +11,38 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import datetime
-import itertools
 import json
 import logging
 import re
 import threading
 import time
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
-import ujson
-from confluent_kafka import OFFSET_BEGINNING
-
-from proxy import kafka_client
-from proxy.config import TOPIC_NAME, Config, kafka_properties
-from proxy.csv_export import CsvExportWriter
-from proxy.data_folder import DataFolder
-from proxy.metrics import EXPORT_DURATION, EXPORT_REQUESTS, ROWS_EXPORTED
-from proxy.partition_scan import (
-    READ_AHEAD_RECORDS,
-    PartitionScanner,
-    Record,
-    ScanCancelled,
-    TopicPartitionKey,
+from proxy.config import TOPIC_NAME
+from proxy.export.csv_writer import CsvExportWriter
+from proxy.export.data_folder import DataFolder
+from proxy.export.errors import (
+    BadRequest,
+    ExportCancelled,
+    ExportError,
+    ExportFailed,
+    ExportKafkaUnavailable,
+    TooManyExports,
+    UnknownTopic,
 )
+from proxy.export.rows import ExportRequest, ExportRows
+from proxy.export.scan import READ_AHEAD_RECORDS, PartitionScanner, ScanCancelled
+from proxy.kafka import KafkaUnavailable
+from proxy.metrics import EXPORT_DURATION, EXPORT_REQUESTS, ROWS_EXPORTED
 from proxy.policy import VisibilityPolicy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.export")
 
-# Columns of the export of all topics at once (GET /export/data).
-ALL_TOPICS_COLUMNS = ("topic", "partition", "offset", "timestamp", "value")
-# Topic label (file names, metrics) of the all-topics export, and metrics label of unknown topics
-# (a label per requested name would let any client grow the metrics without bound).
-ALL_TOPICS_LABEL = "all"
+# Metrics label of topics that are not exportable (a label per requested name would let any
+# client grow the metrics without bound).
 OTHER_TOPIC_LABEL = "other"
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _PLAIN_LOG_VALUE = re.compile(r"[A-Za-z0-9._:+/=@-]+")
-
-
-class ExportError(Exception):
-    """An export that cannot be served; status is the HTTP status that says why."""
-
-    status = 500
-    outcome = "failed"
-
-    def __init__(self, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-
-class BadRequest(ExportError):
-    status, outcome = 400, "bad_request"
-
-
-class MissingToken(ExportError):
-    status, outcome = 401, "unauthorized"
-
-
-class NotExportable(ExportError):
-    status, outcome = 403, "not_exportable"
-
-
-class UnknownTopic(ExportError):
-    status, outcome = 404, "unknown_topic"
-
-
-class TooManyExports(ExportError):
-    status, outcome = 429, "too_many_exports"
-
-
-class ExportKafkaUnavailable(ExportError):
-    status, outcome = 503, "kafka_unavailable"
-
-
-class ExportCancelled(ExportError):
-    """The client went away or the server is shutting down."""
-
-    status, outcome = 503, "cancelled"
-
-
-class ExportFailed(ExportError):
-    """The export file could not be written (disk full, permissions)."""
-
-    status, outcome = 500, "failed"
-
-
-def parse_time(name: str, text: str | None) -> int | None:
-    """A from/to query value as epoch milliseconds: digits are epoch ms, else ISO 8601 (UTC if no zone)."""
-    if text is None or not text.strip():
-        return None
-    text = text.strip()
-    if re.fullmatch(r"-?[0-9]{1,15}", text):
-        return int(text)
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise BadRequest(f"'{name}' must be an ISO 8601 time or epoch milliseconds, got {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return (moment - _EPOCH) // datetime.timedelta(milliseconds=1)
-
-
-def parse_limit(text: str | None) -> int | None:
-    """The limit query value: how many of the most recent visible rows; None if absent."""
-    if text is None or not text.strip():
-        return None
-    if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
-        raise BadRequest(f"'limit' must be a whole number from 0 to 999999999, got {text!r}")
-    return int(text)
-
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportRequest:
-    """What to export for whom: a topic (None: all exportable topics) and optional time/row bounds."""
-
-    topic: str | None
-    merchant_id: str
-    from_ms: int | None = None
-    to_ms: int | None = None
-    limit: int | None = None
-
-    @property
-    def label(self) -> str:
-        return ALL_TOPICS_LABEL if self.topic is None else self.topic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,28 +56,6 @@ class ExportResult:
     skipped_records: int = 0
     dropped_keys: int = 0
 
-
-
-def _decode(value: bytes | None) -> dict[str, typing.Any] | None:
-    """A record's JSON object, or None if it is not one."""
-    if value is None:
-        return None
-    try:
-        message = ujson.loads(value)
-    except ValueError:
-        try:
-            # ujson rejects some valid JSON (integers beyond 64 bits); the stdlib does not.
-            message = json.loads(value)
-        except ValueError:
-            return None
-    return message if isinstance(message, dict) else None
-
-
-def _iso_time(epoch_ms: int) -> str | None:
-    if epoch_ms < 0:  # the record has no timestamp
-        return None
-    moment = _EPOCH + datetime.timedelta(milliseconds=epoch_ms)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 class _ChunkedText:
@@ -207,21 +92,6 @@ class _ChunkedText:
             self.flush()
 
 
-@dataclasses.dataclass
-class _ScanStats:
-    """What a scan passed over: records that are not JSON objects."""
-
-    skipped_records: int = 0
-
-
-class _Tail(typing.NamedTuple):
-    """Offsets [start, end) of a partition and how many visible rows lie between them."""
-
-    start: int
-    end: int
-    rows: int
-
-
 @dataclasses.dataclass(eq=False)  # kept in a set, by identity
 class _RunningExport:
     request: ExportRequest
@@ -248,11 +118,6 @@ class ExportService:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="export")
         self._running: set[_RunningExport] = set()
         self._closing = False
-
-    @classmethod
-    def from_config(cls, config: Config, data_folder: DataFolder) -> ExportService:
-        return cls(kafka_properties(config), VisibilityPolicy.from_config(config.export), data_folder,
-                   max_concurrent=config.export.max_concurrent)
 
     @property
     def running(self) -> int:
@@ -400,94 +265,19 @@ class ExportService:
                    open_output: Callable[[], typing.ContextManager[typing.Any]]) -> ExportResult:
         """The whole export, on the export thread: scan, filter, write. Errors come before any output."""
         try:
-            return self._scan_and_write(request, cancelled, open_output)
+            with PartitionScanner(self._kafka, self._kafka_timeout, cancelled, self._read_ahead) as scanner:
+                rows = ExportRows(self.policy, request, scanner)
+                with open_output() as output:
+                    writer = CsvExportWriter(output, rows.columns)
+                    for row in rows:
+                        writer.write_row(row)
+                    writer.finish()
         # The scan's errors, as export errors (HTTP status, metrics outcome).
         except ScanCancelled as exc:
             raise ExportCancelled(str(exc)) from None
-        except kafka_client.KafkaUnavailable as exc:
+        except KafkaUnavailable as exc:
             raise ExportKafkaUnavailable(str(exc)) from None
-
-    def _scan_and_write(self, request: ExportRequest, cancelled: threading.Event,
-                        open_output: Callable[[], typing.ContextManager[typing.Any]]) -> ExportResult:
-        stats = _ScanStats()
-        with PartitionScanner(self._kafka, self._kafka_timeout, cancelled, self._read_ahead) as scanner:
-            partitions = self._partitions_to_read(scanner, request.topic)
-            starts: dict[TopicPartitionKey, int] = {}
-            ends: dict[TopicPartitionKey, int] = {}
-            extra_rows = 0
-            if request.limit is None:
-                starts = {key: OFFSET_BEGINNING for key in partitions}
-            elif request.limit > 0:
-                tails = {key: self._tail(scanner, key, request.limit, request) for key in partitions}
-                starts = {key: tail.start for key, tail in tails.items() if tail.rows > 0}
-                ends = {key: tail.end for key, tail in tails.items()}
-                # The tails hold at least `limit` rows in all: skip the oldest of them while merging,
-                # rather than keeping the last `limit` rows in memory.
-                extra_rows = max(0, sum(tail.rows for tail in tails.values()) - request.limit)
-            rows = itertools.islice(self._visible_rows(scanner.read_merged(starts, ends), request, stats),
-                                    extra_rows, None)
-            columns = ALL_TOPICS_COLUMNS if request.topic is None else self.policy.columns(request.topic)
-            with open_output() as output:
-                writer = CsvExportWriter(output, columns)
-                for row in rows:
-                    writer.write_row(row)
-                writer.finish()
-        return ExportResult(None, writer.rows_written, 0, stats.skipped_records, writer.dropped_key_count)
-
-    def _partitions_to_read(self, scanner: PartitionScanner, topic: str | None) -> list[TopicPartitionKey]:
-        existing = scanner.partitions()
-        if topic is None:
-            return [(name, partition) for name in self.policy.exportable_topics()
-                    for partition in existing.get(name, [])]
-        if not self.policy.is_exportable(topic):
-            if topic in existing:
-                raise NotExportable(f"topic {topic} is not exportable")
-            raise UnknownTopic(f"no such topic: {topic}")
-        # An exportable topic nobody has written yet exports as an empty (header-only) file.
-        return [(topic, partition) for partition in existing.get(topic, [])]
-
-    def _tail(self, scanner: PartitionScanner, key: TopicPartitionKey, limit: int, request: ExportRequest) -> _Tail:
-        """The end of a partition that holds its last `limit` visible rows (or all it has).
-
-        Reads backwards from the high watermark in growing windows, counting visible rows. A high
-        watermark that is too low (Tansu) only makes the first window start earlier: it reads more,
-        never less. The end is where that first read met the partition's end.
-        """
-        topic, partition = key
-        low, high = scanner.watermarks(topic, partition)
-        window = limit
-        start, stop = max(low, high - window), None
-        end, rows = start, 0
-        while True:
-            for record in scanner.read_range(topic, partition, start, stop):
-                end = max(end, record.offset + 1)
-                rows += sum(1 for _ in self._visible_rows((record,), request, _ScanStats()))
-            if rows >= limit or start <= low:
-                return _Tail(start, end, rows)
-            window *= 2
-            start, stop = max(low, start - window), start
-
-    def _visible_rows(self, records: Iterable[Record], request: ExportRequest,
-                      stats: _ScanStats) -> Iterator[dict[str, typing.Any]]:
-        """The CSV rows the merchant may see among the records in the request's time range."""
-        policy, merchant_id = self.policy, request.merchant_id
-        from_ms, to_ms = request.from_ms, request.to_ms
-        for record in records:
-            # Kafka's record timestamp, not the message's own field: filtered while scanning because
-            # offsets_for_times is not reliable on every broker.
-            if (from_ms is not None and record.timestamp < from_ms) or (to_ms is not None and record.timestamp > to_ms):
-                continue
-            message = _decode(record.value)
-            if message is None:
-                stats.skipped_records += 1
-                continue
-            if request.topic is not None:
-                yield from policy.visible_rows(record.topic, message, merchant_id)
-                continue
-            visible = policy.visible_message(record.topic, message, merchant_id)
-            if visible is not None:
-                yield {"topic": record.topic, "partition": record.partition, "offset": record.offset,
-                       "timestamp": _iso_time(record.timestamp), "value": visible}
+        return ExportResult(None, writer.rows_written, 0, rows.skipped_records, writer.dropped_key_count)
 
     def _record(self, request: ExportRequest, outcome: str, rows: int, size: int, duration: float,
                 error: str | None, skipped_records: int = 0, dropped_keys: int = 0) -> None:

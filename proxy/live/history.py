@@ -5,15 +5,7 @@ from __future__ import annotations
 import collections
 import typing
 
-import ujson
-
-
-def sockjs_quote(payload: str) -> str:
-    """A JSON string literal of payload, as SockJS frames carry each message.
-
-    ASCII-only output: some SockJS transports (and old browsers) mangle raw U+2028 and friends.
-    """
-    return ujson.dumps(payload, ensure_ascii=True, escape_forward_slashes=False)
+from proxy.live import wire
 
 
 class HistoryBuffer:
@@ -23,7 +15,7 @@ class HistoryBuffer:
         self.topic = topic
         self.size = size
         self._envelopes: collections.deque[str] = collections.deque(maxlen=size)
-        self._topic_json = ujson.dumps(topic)
+        self._topic_json = wire.topic_json(topic)
         self._frame: bytes | None = None
 
     def __len__(self) -> int:
@@ -48,7 +40,5 @@ class HistoryBuffer:
     def frame(self) -> bytes:
         """The SockJS-quoted {"type": "history", ...} message (ASCII bytes), encoded once per change."""
         if self._frame is None:
-            payload = '{"type":"history","topic":%s,"messages":[%s]}' % (
-                self._topic_json, ",".join(self._envelopes))
-            self._frame = sockjs_quote(payload).encode()
+            self._frame = wire.history_message(self._topic_json, self._envelopes)
         return self._frame

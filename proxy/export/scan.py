@@ -10,10 +10,7 @@ import typing
 from collections import deque
 from collections.abc import Iterator, Mapping
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
-
-from proxy import kafka_client
-from proxy.kafka_client import KafkaUnavailable
+from proxy.kafka import Batch, KafkaReader, KafkaUnavailable, PartitionKey
 
 # The scan's lines are the export's: they keep the export's logger name.
 log = logging.getLogger("proxy.export")
@@ -42,7 +39,7 @@ class ScanCancelled(Exception):
     """The export that owns the scan was cancelled (the client went away, or shutdown)."""
 
 
-class Record(typing.NamedTuple):
+class ScannedRecord(typing.NamedTuple):
     """One Kafka record as the export reads it."""
 
     timestamp: int
@@ -52,16 +49,12 @@ class Record(typing.NamedTuple):
     value: bytes | None
 
 
-TopicPartitionKey = tuple[str, int]
-
-
 class PartitionScanner:
     """One export's own Kafka consumer: metadata, watermarks, and partitions read up to their end.
 
     Knows how to scan: "the end" is the partition-EOF event, never a precomputed end offset
     (ListOffsets is wrong on some brokers); silence is slowness, not the end, until `timeout`;
-    client errors become proxy.kafka_client.KafkaUnavailable, a cancel ScanCancelled.
-    proxy.kafka_client builds the consumer.
+    client errors become proxy.kafka.KafkaUnavailable, a cancel ScanCancelled.
     """
 
     BATCH = 1000
@@ -71,16 +64,13 @@ class PartitionScanner:
         self._timeout = timeout
         self._cancelled = cancelled
         self._read_ahead = max(2, read_ahead)
-        self._fatal_error: KafkaError | None = None
-        self._last_error: KafkaError | None = None
         try:
-            self._consumer = kafka_client.make_consumer(properties, defaults=EXPORT_CONSUMER_DEFAULTS,
-                                                        error_cb=self._on_error)
+            self._reader = KafkaReader(properties, defaults=EXPORT_CONSUMER_DEFAULTS, record_errors_fail=True)
         except ValueError as exc:
             raise KafkaUnavailable(str(exc)) from None
 
     def close(self) -> None:
-        self._consumer.close()
+        self._reader.close()
 
     def __enter__(self) -> PartitionScanner:
         return self
@@ -91,38 +81,40 @@ class PartitionScanner:
     def partitions(self) -> dict[str, list[int]]:
         """Partition ids of every topic that exists in Kafka now."""
         try:
-            return kafka_client.list_partitions(self._consumer, self._timeout)
+            return self._reader.list_partitions(self._timeout)
         except KafkaUnavailable as exc:
             raise KafkaUnavailable(f"Kafka is unreachable: {exc}") from None
 
     def watermarks(self, topic: str, partition: int) -> tuple[int, int]:
         """(low, high) offsets. The high one may be too low on some brokers (Tansu): use it only to read more."""
         try:
-            return kafka_client.watermarks(self._consumer, topic, partition, self._timeout)
+            return self._reader.watermarks(topic, partition, self._timeout)
         except KafkaUnavailable as exc:
             raise KafkaUnavailable(f"Kafka is unreachable: {exc}") from None
 
-    def read_range(self, topic: str, partition: int, start: int, end: int | None) -> Iterator[Record]:
+    def read_range(self, topic: str, partition: int, start: int, end: int | None) -> Iterator[ScannedRecord]:
         """Records of one partition with start <= offset < end (None: up to the partition's end)."""
-        self._consumer.assign([TopicPartition(topic, partition, start)])
+        key = (topic, partition)
+        self._reader.assign({key: start})
         while True:
-            for message in self._next_batch():
+            batch = self._next_batch()
+            at_end = batch.ends.get(key)
+            for index, message in enumerate(batch.records):
                 if message.topic() != topic or message.partition() != partition:
                     continue
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        return
-                    raise KafkaUnavailable(f"Kafka error on {topic}[{partition}]: {kafka_client.describe(error)}")
+                if at_end is not None and index >= at_end:
+                    return
                 offset = message.offset()
                 if offset < start:
                     continue
                 if end is not None and offset >= end:
                     return
                 yield _record_of(message)
+            if key in batch.ends:
+                return
 
-    def read_merged(self, starts: Mapping[TopicPartitionKey, int],
-                    ends: Mapping[TopicPartitionKey, int] | None = None) -> Iterator[Record]:
+    def read_merged(self, starts: Mapping[PartitionKey, int],
+                    ends: Mapping[PartitionKey, int] | None = None) -> Iterator[ScannedRecord]:
         """Records of the given partitions from their start offset to their end, merged by timestamp.
 
         The end is the partition's end as of the read (its EOF event), or ends[partition] (an
@@ -133,35 +125,31 @@ class PartitionScanner:
         if not starts:
             return
         ends = ends or {}
-        consumer = self._consumer
-        consumer.assign([TopicPartition(topic, partition, offset) for (topic, partition), offset in starts.items()])
-        buffered: dict[TopicPartitionKey, deque[Record]] = {key: deque() for key in starts}
+        reader = self._reader
+        reader.assign(starts)
+        buffered: dict[PartitionKey, deque[ScannedRecord]] = {key: deque() for key in starts}
         # Guards against records fetched twice (after a resume) or from before the start.
         next_offset = {key: max(offset, 0) for key, offset in starts.items()}
         not_at_end = set(starts)
         # Partitions not at their end with nothing buffered: the merge cannot go on without them.
         starving = set(starts)
-        paused: set[TopicPartitionKey] = set()
-        heads: list[tuple[tuple[int, str, int, int], TopicPartitionKey]] = []
+        paused: set[PartitionKey] = set()
+        heads: list[tuple[tuple[int, str, int, int], PartitionKey]] = []
 
-        def reached_end(key: TopicPartitionKey) -> None:
+        def reached_end(key: PartitionKey) -> None:
             not_at_end.discard(key)
             starving.discard(key)
             # The export reads the partition as of the request; later records are not its business.
-            consumer.pause([TopicPartition(*key)])
+            reader.pause([key])
 
         while True:
             while starving:
-                for message in self._next_batch():
+                batch = self._next_batch()
+                batch_ends = batch.ends
+                for index, message in enumerate(batch.records):
                     key = (message.topic(), message.partition())
-                    if key not in not_at_end:
+                    if key not in not_at_end or (batch_ends and index >= batch_ends.get(key, index + 1)):
                         continue  # written after this partition's end was reached
-                    error = message.error()
-                    if error is not None:
-                        if error.code() != KafkaError._PARTITION_EOF:
-                            raise KafkaUnavailable(f"Kafka error on {key[0]}[{key[1]}]: {kafka_client.describe(error)}")
-                        reached_end(key)
-                        continue
                     offset = message.offset()
                     if offset < next_offset[key]:
                         continue
@@ -179,8 +167,12 @@ class PartitionScanner:
                     if end is not None and offset + 1 >= end:
                         reached_end(key)
                     elif len(queue) >= self._read_ahead and key not in paused:
-                        consumer.pause([TopicPartition(*key)])
+                        reader.pause([key])
                         paused.add(key)
+                for key in batch.ends:
+                    # Every record before the end event came in this batch or an earlier one.
+                    if key in not_at_end:
+                        reached_end(key)
             if not heads:
                 return
             _, key = heapq.heappop(heads)
@@ -191,43 +183,31 @@ class PartitionScanner:
             elif key in not_at_end:
                 starving.add(key)
             if key in paused and len(queue) <= self._read_ahead // 2:
-                consumer.resume([TopicPartition(*key)])
+                reader.resume([key])
                 paused.discard(key)
             yield record
 
-    def _next_batch(self) -> list[typing.Any]:
-        """The next messages and events, waiting for at least one; stops on cancel or a silent Kafka."""
+    def _next_batch(self) -> Batch:
+        """The next records and partition ends, waiting for at least one; stops on cancel or a silent Kafka."""
         waiting_since = time.monotonic()
         while True:
             if self._cancelled.is_set():
                 raise ScanCancelled("the export was cancelled")
-            if self._fatal_error is not None:
-                raise KafkaUnavailable(f"Kafka client failed: {kafka_client.describe(self._fatal_error)}")
-            try:
-                # Only an empty queue waits, briefly, so a cancel is seen quickly.
-                batch = kafka_client.consume_available(self._consumer, self.BATCH, 0.05)
-            except KafkaException as exc:
-                raise KafkaUnavailable(f"Kafka client failed: {kafka_client.describe(exc.args[0])}") from None
-            if batch:
+            # Only an empty queue waits, briefly, so a cancel is seen quickly.
+            batch = self._reader.read(self.BATCH, 0.05)
+            if batch.records or batch.ends:
                 return batch
             if time.monotonic() - waiting_since > self._timeout:
-                reason = f" (last error: {kafka_client.describe(self._last_error)})" if self._last_error is not None else ""
+                last = self._reader.last_error
+                reason = f" (last error: {last})" if last is not None else ""
                 raise KafkaUnavailable(f"Kafka sent nothing for {self._timeout:g} s{reason}")
 
-    def _on_error(self, error: KafkaError) -> None:
-        # Called from inside consume(), on the export thread.
-        self._last_error = error
-        if error.fatal():
-            self._fatal_error = error
-        # librdkafka logs connection failures itself (proxy.kafka); only a fatal error is news.
-        log.log(logging.ERROR if error.fatal() else logging.DEBUG, "export consumer: %s", kafka_client.describe(error))
+
+def _record_of(message: typing.Any) -> ScannedRecord:
+    return ScannedRecord(message.timestamp()[1], message.topic(), message.partition(), message.offset(), message.value())
 
 
-def _record_of(message: typing.Any) -> Record:
-    return Record(message.timestamp()[1], message.topic(), message.partition(), message.offset(), message.value())
-
-
-def _merge_key(record: Record) -> tuple[int, str, int, int]:
+def _merge_key(record: ScannedRecord) -> tuple[int, str, int, int]:
     # Ties on the timestamp keep a stable, reproducible order.
     return (record.timestamp, record.topic, record.partition, record.offset)
 

@@ -1,4 +1,4 @@
-"""HTTP handlers of the merchant CSV export: start an export, and serve the finished files."""
+"""HTTP handlers of the merchant CSV export: query parsing, starting an export, serving the finished files."""
 
 from __future__ import annotations
 
@@ -10,18 +10,39 @@ import typing
 
 import tornado.web
 
-from proxy.data_folder import is_export_file_name
-from proxy.export import (
-    ExportError,
-    ExportService,
-    MissingToken,
-    parse_limit,
-    parse_time,
-)
+from proxy.export.data_folder import is_export_file_name
+from proxy.export.errors import BadRequest, ExportError, MissingToken
+from proxy.export.service import ExportService
 from proxy.http_api import ApiError, JsonHandler, JsonStaticFileHandler
 from proxy.policy import merchant_id_for, token_from_authorization
 
 CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def parse_time(name: str, text: str | None) -> int | None:
+    """A from/to query value as epoch milliseconds: digits are epoch ms, else ISO 8601 (UTC if no zone)."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if re.fullmatch(r"-?[0-9]{1,15}", text):
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be an ISO 8601 time or epoch milliseconds, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return (moment - _EPOCH) // datetime.timedelta(milliseconds=1)
+
+
+def parse_limit(text: str | None) -> int | None:
+    """The limit query value: how many of the most recent visible rows; None if absent."""
+    if text is None or not text.strip():
+        return None
+    if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
+        raise BadRequest(f"'limit' must be a whole number from 0 to 999999999, got {text!r}")
+    return int(text)
 
 
 def wants_csv(accept: str | None) -> bool:

@@ -8,7 +8,6 @@ so a slow client costs only itself.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import typing
 
@@ -18,35 +17,14 @@ from sockjs.tornado import SockJSConnection, SockJSRouter
 from sockjs.tornado.session import Session
 
 from proxy import metrics
-from proxy.history import HistoryBuffer, sockjs_quote
-from proxy.ingest import Record
+from proxy.live import wire
+from proxy.live.history import HistoryBuffer
+from proxy.live.wire import LiveRecord
 
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = (3008, "client too slow: send queue overflowed")
 SHUTDOWN_CLOSE = (3000, "server shutting down")
-# glibc's mallopt() parameters
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_frames_in_heap() -> None:
-    """Let glibc reuse freed frame buffers instead of handing them back to the kernel.
-
-    By default glibc maps every block over 128 KiB afresh and returns free heap tops to the
-    kernel, so each frame of that size is page-faulted in (zero-filled) again on every write:
-    200,000 faults a second at 1M messages/s, more CPU than the fan-out itself. A proxy that
-    falls behind for a moment coalesces bigger frames, faults more, falls further behind and
-    ends up closing every session as too slow. 16 MiB covers a full session queue (8 MiB by
-    default); up to 64 MiB of free heap is kept. Nothing to do where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 16 * 1024 * 1024)
-    libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
-
-
 class LiveSession(Session):
     """A SockJS session with a byte-bounded send queue and one write in flight at a time."""
 
@@ -170,7 +148,7 @@ class LiveConnection(SockJSConnection):
         self.hub.remove(self)
 
     def send_error(self, error: str) -> None:
-        self.session.enqueue(sockjs_quote(ujson.dumps({"type": "error", "error": error})).encode())
+        self.session.enqueue(wire.control_message({"type": "error", "error": error}))
 
 
 class LiveHub:
@@ -179,7 +157,7 @@ class LiveHub:
     def __init__(self, topics: list[str], history_size: int):
         self.topics = list(topics)
         self.history = {topic: HistoryBuffer(topic, history_size) for topic in topics}
-        self._topic_json = {topic: ujson.dumps(topic) for topic in topics}
+        self._topic_json = {topic: wire.topic_json(topic) for topic in topics}
         self.loaded = False
         self._connections: set[LiveConnection] = set()
 
@@ -219,7 +197,7 @@ class LiveHub:
             conn.session.enqueue(b",".join(frames))
             metrics.MESSAGES_DELIVERED.inc(sum(len(self.history[t]) for t in topics))
 
-    def publish(self, batch: list[Record]) -> None:
+    def publish(self, batch: list[LiveRecord]) -> None:
         """Append a batch to the histories and send it to every session, encoded once."""
         by_topic: dict[str, list[str]] = {}
         for topic, _, envelope in batch:
@@ -230,8 +208,7 @@ class LiveHub:
         if not self._connections or not self.loaded:
             return
         topic_json = self._topic_json
-        frames = [(topic, sockjs_quote('{"type":"message","topic":%s,"message":%s}' % (topic_json[topic], envelope)))
-                  for topic, _, envelope in batch]
+        frames = [(topic, wire.live_message(topic_json[topic], envelope)) for topic, _, envelope in batch]
         # Sessions with the same subscription share one joined, encoded chunk.
         chunks: dict[frozenset[str] | None, tuple[bytes, int]] = {}
         delivered = 0

@@ -6,9 +6,9 @@ import asyncio
 import logging
 import sys
 
-from proxy.broker import BrokerError, TansuBroker
 from proxy.config import Config
-from proxy.simulator import MarketSimulator, Merchant
+from proxy.demo.broker import BrokerError, TansuBroker
+from proxy.demo.simulator import MarketSimulator, Merchant
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Test helpers: run the real proxy process, produce to the real broker, speak SockJS."""
+"""Helpers shared by the tests and the benchmarks: run the real proxy process, produce to the real
+broker, speak SockJS. Test tooling, not runtime code: nothing in the proxy imports it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import websocket
 import yaml
 from confluent_kafka import Producer
 
-from proxy.broker import free_port, terminate
+from proxy.demo.broker import free_port, terminate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

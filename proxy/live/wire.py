@@ -1,0 +1,52 @@
+"""The wire format of the live stream, in one place: envelopes and SockJS-quoted messages.
+
+An envelope is `{"topic":T,"partition":P,"offset":O,"timestamp":MS,"value":V}` as JSON text;
+the SockJS messages wrap envelopes (`history`, `message`) or say something to one client
+(`error`, `auth`). Every SockJS message travels as a JSON string literal (quoted once, here).
+"""
+
+from __future__ import annotations
+
+import typing
+
+import ujson
+
+# (topic, record timestamp in ms, envelope JSON): one record rendered for the live stream.
+LiveRecord = tuple[str, int, str]
+
+
+def sockjs_quote(payload: str) -> str:
+    """A JSON string literal of payload, as SockJS frames carry each message.
+
+    ASCII-only output: some SockJS transports (and old browsers) mangle raw U+2028 and friends.
+    """
+    return ujson.dumps(payload, ensure_ascii=True, escape_forward_slashes=False)
+
+
+def topic_json(topic: str) -> str:
+    return ujson.dumps(topic)
+
+
+def envelope_prefix(topic: str) -> str:
+    """The constant start of every envelope of a topic."""
+    return '{"topic":%s,"partition":' % topic_json(topic)
+
+
+def render_envelope(prefix: str, partition: int, offset: int, timestamp: int, value_json: str) -> str:
+    return '%s%d,"offset":%d,"timestamp":%d,"value":%s}' % (prefix, partition, offset, timestamp, value_json)
+
+
+def history_message(topic_literal: str, envelopes: typing.Iterable[str]) -> bytes:
+    """The SockJS-quoted {"type": "history", ...} message (ASCII bytes)."""
+    payload = '{"type":"history","topic":%s,"messages":[%s]}' % (topic_literal, ",".join(envelopes))
+    return sockjs_quote(payload).encode()
+
+
+def live_message(topic_literal: str, envelope: str) -> str:
+    """The SockJS-quoted {"type": "message", ...} message of one envelope."""
+    return sockjs_quote('{"type":"message","topic":%s,"message":%s}' % (topic_literal, envelope))
+
+
+def control_message(body: dict[str, typing.Any]) -> bytes:
+    """A SockJS-quoted message to one client ({"type": "error" | "auth", ...})."""
+    return sockjs_quote(ujson.dumps(body, ensure_ascii=False, escape_forward_slashes=False)).encode()

@@ -1,0 +1,1 @@
+"""The live page and its vendored scripts, shipped inside the package (see setup.py)."""
