@@ -19,8 +19,15 @@ MESSAGES_DELIVERED = Counter(
     "proxy_messages_delivered_total", "Messages queued to SockJS sessions (live and history)",
     registry=REGISTRY)
 SLOW_SESSIONS_DROPPED = Counter(
-    "proxy_slow_sessions_dropped_total", "Sessions closed because their send queue overflowed",
+    "proxy_slow_sessions_dropped_total",
+    "Sessions closed because they stayed too far behind (their own limit, or the total budget)",
     registry=REGISTRY)
+LIVE_QUEUED_BYTES = Gauge(
+    "proxy_live_queued_bytes", "Bytes queued or in flight to SockJS sessions, all sessions together",
+    registry=REGISTRY)
+INGEST_BACKPRESSURE_SECONDS = Counter(
+    "proxy_ingest_backpressure_seconds_total",
+    "Seconds the Kafka consumer waited because live sessions were too far behind", registry=REGISTRY)
 EXPORT_REQUESTS = Counter(
     "proxy_export_requests_total", "Export requests, by topic and outcome", ["topic", "outcome"],
     registry=REGISTRY)

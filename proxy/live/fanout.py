@@ -1,16 +1,25 @@
 """Live fan-out over SockJS: history on open, then every new message, coalesced per write.
 
-Each message is encoded once (in `LiveHub.publish`); sessions receive pre-encoded chunks that
-are joined into one SockJS frame per write. A session holds at most one write in flight; what
-arrives meanwhile waits in a byte-bounded queue, and a session whose queue overflows is closed,
-so a slow client costs only itself.
+Each message is SockJS-encoded once (LiveHub.publish); sessions hold references to shared,
+pre-encoded chunks (history frames, live batches), never private copies. A flush tick writes
+every session that has something queued and no write in flight; sessions whose queues hold the
+same chunks share one frame object, written to each socket without a copy.
+
+Memory is bounded per session and for the whole process, and a client that reads at full speed
+is never closed: when a reading session falls more than `max_session_queue_bytes` behind (or all
+sessions together more than `max_queued_bytes`), the hub reports congestion and ingest waits (Kafka
+keeps the backlog, frames grow: the stream degrades by coalescing). A session that stays over its
+limit for `slow_client_timeout` is not keeping up and is closed (3008), furthest behind first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 import typing
 
+import tornado.ioloop
 import tornado.websocket
 import ujson
 from sockjs.tornado import SockJSConnection, SockJSRouter
@@ -19,99 +28,136 @@ from sockjs.tornado.session import Session
 from proxy import metrics
 from proxy.live import wire
 from proxy.live.history import HistoryBuffer
+from proxy.live.transports import REPLACEMENTS, LiveWebSocketTransport
 from proxy.live.wire import LiveRecord
 
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = (3008, "client too slow: send queue overflowed")
 SHUTDOWN_CLOSE = (3000, "server shutting down")
+# How often dead connections are looked for and lagging sessions judged.
+SWEEP_INTERVAL = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FanoutLimits:
+    """The knobs of the fan-out (live.* in config.yaml)."""
+
+    max_session_queue_bytes: int = 4 * 1024 * 1024
+    max_queued_bytes: int = 256 * 1024 * 1024
+    slow_client_timeout: float = 5.0
+    flush_interval: float = 0.005
+
+
+def drop_if_lost(handler: typing.Any) -> bool:
+    """Drop the handler's session if its connection is gone (transports without the check: never)."""
+    lost = getattr(handler, "connection_lost", None)
+    if lost is not None and lost():
+        handler.drop()
+        return True
+    return False
+
+
 class LiveSession(Session):
-    """A SockJS session with a byte-bounded send queue and one write in flight at a time."""
+    """A SockJS session whose queue holds shared chunks, with one write in flight at a time."""
 
     def __init__(self, conn: type, server: SockJSRouter, session_id: str, expiry: float | None = None):
-        super().__init__(conn, server, session_id, expiry)
         self._chunks: list[bytes] = []
-        self._queued_bytes = 0
+        super().__init__(conn, server, session_id, expiry)
+        self.hub: LiveHub = server.settings["hub"]
+        self.queued_bytes = 0      # waiting in _chunks
+        self.in_flight_bytes = 0   # handed to the socket, not yet sent
         self._writing = False
         self._write_future: typing.Any = None
-        self._max_queue_bytes = server.settings["max_session_queue_bytes"]
+        self.last_progress = time.monotonic()
+        self.over_limit_since: float | None = None
+
+    # sockjs-tornado's transports look at send_queue to decide whether to flush at once.
+    @property  # type: ignore[override]
+    def send_queue(self) -> list[bytes]:
+        return self._chunks
+
+    @send_queue.setter
+    def send_queue(self, value: typing.Any) -> None:
+        pass  # sockjs-tornado resets it to '' in __init__; the chunks are ours
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.queued_bytes + self.in_flight_bytes
 
     def send_jsonified(self, msg: str, stats: bool = True) -> None:
         """Everything sockjs-tornado sends through the session goes through the bounded queue."""
-        self.enqueue(msg.encode())
+        self.enqueue([msg.encode()])
 
-    def enqueue(self, chunk: bytes) -> None:
-        """Queue pre-encoded SockJS messages (comma-joined, UTF-8) and flush on the next IOLoop turn."""
-        if self.is_closed:
+    def enqueue(self, chunks: list[bytes]) -> None:
+        """Queue pre-encoded SockJS messages (each comma-joinable, UTF-8); written on the next tick."""
+        if self.is_closed or not chunks:
             return
-        self._chunks.append(chunk)
-        self._queued_bytes += len(chunk)
-        # Only data that waits behind an unfinished write counts against the client: a big batch
-        # into an idle session goes out on the next turn whatever its size.
-        if (self._queued_bytes > self._max_queue_bytes and self._blocked()
-                and not self._write_finished_meanwhile()):
-            log.warning("closing slow session %s (%d bytes queued)", self.session_id, self._queued_bytes)
-            metrics.SLOW_SESSIONS_DROPPED.inc()
-            self._chunks, self._queued_bytes = [], 0
-            self.close(*SLOW_CLIENT_CLOSE)
-            return
-        if not self._pending_flush:
-            self._pending_flush = True
-            self.server.io_loop.add_callback(self.flush)
+        self._chunks.extend(chunks)
+        added = sum(map(len, chunks))
+        self.queued_bytes += added
+        self.hub.account(self, added)
 
-    def flush(self) -> None:
-        """Send everything queued as one frame, unless a write is still in flight."""
-        self._pending_flush = False
+    def take(self) -> list[bytes]:
+        """Hand the queued chunks to a write (the hub's tick or flush())."""
+        chunks, self._chunks = self._chunks, []
+        self.in_flight_bytes += self.queued_bytes
+        self.queued_bytes = 0
+        return chunks
+
+    def writable(self) -> bool:
         handler = self.handler
-        if not self._chunks or handler is None or not handler.active or self._writing:
-            return
-        # Bytes all the way: one copy per session for a single chunk, and Tornado writes bytes
-        # without encoding them again.
-        frame = b"".join((b"a[", b",".join(self._chunks), b"]"))
-        self._chunks, self._queued_bytes = [], 0
-        if isinstance(handler, tornado.websocket.WebSocketHandler):
-            # sockjs-tornado drops the write's future; keep it to know when the socket took the
-            # data, which is what bounds memory for a client that reads slowly.
+        return bool(self._chunks) and handler is not None and handler.active and not self._writing
+
+    def write(self, frame: bytes) -> None:
+        """Send one SockJS frame (b'a[...]') built from take()n chunks."""
+        handler = self.handler
+        if isinstance(handler, LiveWebSocketTransport):
             try:
-                future = handler.write_message(frame)
+                future = handler.write_frame(frame)
             except tornado.websocket.WebSocketClosedError:
-                self.server.io_loop.add_callback(handler.on_close)
+                self._write_finished(None)
+                self.server.io_loop.add_callback(handler.drop)
                 return
             self._writing = True
             self._write_future = future
-            future.add_done_callback(self._write_done)
+            future.add_done_callback(self._write_finished)
         else:
-            # HTTP streaming/polling transports mark themselves inactive until the write is
-            # flushed, then call flush() again.
+            # HTTP transports mark themselves inactive until the write is flushed, then call
+            # flush() again; the write counts as done then.
             handler.send_pack(frame.decode())
+            self._write_finished(None)
 
-    def _blocked(self) -> bool:
-        """Whether a write is in flight, or no transport is attached (a poller between requests)."""
-        handler = self.handler
-        return self._writing or handler is None or not handler.active
+    def flush(self) -> None:
+        """Write what is queued now, if a transport can take it (sockjs-tornado calls this)."""
+        self._pending_flush = False
+        self.last_progress = time.monotonic()
+        if self.writable():
+            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
 
-    def _write_finished_meanwhile(self) -> bool:
-        """Whether the write in flight has in fact reached the socket, with only its callback
-        still to run (the IOLoop is behind); if so, send the queue now instead of blaming the client."""
-        handler = self.handler
-        if not self._writing or not isinstance(handler, tornado.websocket.WebSocketHandler):
-            return False
-        connection = handler.ws_connection
-        if connection is None or connection.stream.writing():
-            return False
+    def _write_finished(self, future: typing.Any) -> None:
+        if future is not None and future is not self._write_future:
+            return
         self._writing = False
-        self.flush()
-        return True
+        self._write_future = None
+        self.hub.account(self, -self.in_flight_bytes)
+        self.in_flight_bytes = 0
+        self.last_progress = time.monotonic()
+        if future is not None and future.exception() is not None:
+            return  # the connection is gone; the sweep or on_close drops the session
+        self.hub.settle(self)
+        if self._chunks:
+            self.hub.mark_dirty(self)
 
-    def _write_done(self, future: typing.Any) -> None:
-        if future is not self._write_future:
-            return  # an earlier write, already known to be done (_write_finished_meanwhile)
-        self._writing = False
-        if future.exception() is None and self._chunks:
-            self.flush()
+    def _heartbeat(self) -> None:
+        if not drop_if_lost(self.handler):
+            super()._heartbeat()
 
     def close(self, code: int = 3000, message: str = "Go away!") -> None:
-        self._chunks, self._queued_bytes = [], 0
+        if self._chunks or self.in_flight_bytes:
+            self.hub.account(self, -self.pending_bytes)
+        self._chunks, self.queued_bytes, self.in_flight_bytes = [], 0, 0
+        self.hub.settle(self)
         super().close(code, message)
 
 
@@ -148,26 +194,43 @@ class LiveConnection(SockJSConnection):
         self.hub.remove(self)
 
     def send_error(self, error: str) -> None:
-        self.session.enqueue(wire.control_message({"type": "error", "error": error}))
+        self.session.enqueue([wire.control_message({"type": "error", "error": error})])
 
 
 class LiveHub:
     """Holds the per-topic histories and the open sessions, and fans batches out to them."""
 
-    def __init__(self, topics: list[str], history_size: int):
+    def __init__(self, topics: list[str], history_size: int, limits: FanoutLimits | None = None):
         self.topics = list(topics)
         self.history = {topic: HistoryBuffer(topic, history_size) for topic in topics}
+        self.limits = limits or FanoutLimits()
         self._topic_json = {topic: wire.topic_json(topic) for topic in topics}
         self.loaded = False
         self._connections: set[LiveConnection] = set()
+        self._dirty: set[LiveSession] = set()
+        self._tick_scheduled = False
+        # Bytes queued or in flight over all sessions, and the sessions over their own limit.
+        self.queued_bytes = 0
+        self._over_limit: set[LiveSession] = set()
+        self._over_budget_since: float | None = None
+        self._sweeper: tornado.ioloop.PeriodicCallback | None = None
+        self._io_loop: tornado.ioloop.IOLoop | None = None
 
     def router(self, prefix: str, settings: dict[str, typing.Any]) -> SockJSRouter:
         """A SockJS router for this hub; build it inside the running IOLoop."""
         connection = type("HubConnection", (LiveConnection,), {"hub": self})
-        return SockJSRouter(connection, prefix, settings, session_kls=LiveSession)
+        router = SockJSRouter(connection, prefix, dict(settings, hub=self), session_kls=LiveSession)
+        router._transport_urls = [(pattern, REPLACEMENTS.get(handler, handler), kwargs)
+                                  for pattern, handler, kwargs in router.urls]
+        self._io_loop = router.io_loop
+        self._sweeper = tornado.ioloop.PeriodicCallback(self.sweep, SWEEP_INTERVAL * 1000)
+        self._sweeper.start()
+        return router
 
     def session_count(self) -> int:
         return len(self._connections)
+
+    # ---- sessions ----------------------------------------------------------------------------
 
     def add(self, conn: LiveConnection) -> None:
         self._connections.add(conn)
@@ -182,6 +245,14 @@ class LiveHub:
         if self.loaded:
             self._send_history(conn, topics)
 
+    def close_all(self, code: int, reason: str) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        for conn in list(self._connections):
+            conn.session.close(code, reason)
+
+    # ---- messages ----------------------------------------------------------------------------
+
     def load_history(self, histories: dict[str, list[str]]) -> None:
         """The initial history is in: fill the buffers and greet sessions that were waiting."""
         for topic, envelopes in histories.items():
@@ -192,13 +263,14 @@ class LiveHub:
             self._send_history(conn, self.topics if conn.topics is None else [t for t in self.topics if t in conn.topics])
 
     def _send_history(self, conn: LiveConnection, topics: typing.Iterable[str]) -> None:
+        # The cached frames themselves: a session holds references, never a copy.
         frames = [self.history[t].frame() for t in topics]
         if frames:
-            conn.session.enqueue(b",".join(frames))
+            conn.session.enqueue(frames)
             metrics.MESSAGES_DELIVERED.inc(sum(len(self.history[t]) for t in topics))
 
     def publish(self, batch: list[LiveRecord]) -> None:
-        """Append a batch to the histories and send it to every session, encoded once."""
+        """Append a batch to the histories and queue it for every session, encoded once."""
         by_topic: dict[str, list[str]] = {}
         for topic, _, envelope in batch:
             by_topic.setdefault(topic, []).append(envelope)
@@ -210,19 +282,99 @@ class LiveHub:
         topic_json = self._topic_json
         frames = [(topic, wire.live_message(topic_json[topic], envelope)) for topic, _, envelope in batch]
         # Sessions with the same subscription share one joined, encoded chunk.
-        chunks: dict[frozenset[str] | None, tuple[bytes, int]] = {}
+        chunks: dict[frozenset[str] | None, tuple[list[bytes], int]] = {}
         delivered = 0
         for conn in list(self._connections):
             key = conn.topics
             chunk = chunks.get(key)
             if chunk is None:
                 selected = [f for t, f in frames if key is None or t in key]
-                chunk = chunks[key] = (",".join(selected).encode(), len(selected))
+                chunk = chunks[key] = ([",".join(selected).encode()] if selected else [], len(selected))
             if chunk[1]:
                 conn.session.enqueue(chunk[0])
                 delivered += chunk[1]
         metrics.MESSAGES_DELIVERED.inc(delivered)
 
-    def close_all(self, code: int, reason: str) -> None:
+    # ---- writing -----------------------------------------------------------------------------
+
+    def mark_dirty(self, session: LiveSession) -> None:
+        """The session has something to write: include it in the next flush tick."""
+        self._dirty.add(session)
+        if not self._tick_scheduled and self._io_loop is not None:
+            self._tick_scheduled = True
+            delay = self.limits.flush_interval
+            if delay > 0:
+                self._io_loop.call_later(delay, self._flush_tick)
+            else:
+                self._io_loop.add_callback(self._flush_tick)
+
+    def _flush_tick(self) -> None:
+        """Write every session that can take a write; equal queues share one frame object."""
+        self._tick_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        frames: dict[tuple[int, ...], bytes] = {}
+        keep_alive: list[list[bytes]] = []  # chunk ids must stay unique while they key `frames`
+        for session in dirty:
+            if not session.writable():
+                continue  # a write in flight or no transport: it comes back when that changes
+            chunks = session.take()
+            keep_alive.append(chunks)
+            key = tuple(map(id, chunks))
+            frame = frames.get(key)
+            if frame is None:
+                frame = frames[key] = b"".join((b"a[", b",".join(chunks), b"]"))
+            session.write(frame)
+
+    # ---- memory bounds -----------------------------------------------------------------------
+
+    def account(self, session: LiveSession, added: int) -> None:
+        """Track queued bytes; judge the session and the whole process against their limits."""
+        self.queued_bytes += added
+        metrics.LIVE_QUEUED_BYTES.set(self.queued_bytes)
+        if added <= 0:
+            return
+        self.mark_dirty(session)
+        if session.pending_bytes > self.limits.max_session_queue_bytes and session not in self._over_limit:
+            session.over_limit_since = time.monotonic()
+            self._over_limit.add(session)
+
+    def settle(self, session: LiveSession) -> None:
+        """The session's pending bytes went down: it may be back within its limit."""
+        if session in self._over_limit and session.pending_bytes <= self.limits.max_session_queue_bytes:
+            self._over_limit.discard(session)
+            session.over_limit_since = None
+
+    def congested(self) -> bool:
+        """Whether ingest should wait: a session, or all of them, is too far behind (thread-safe read)."""
+        return bool(self._over_limit) or self.queued_bytes > self.limits.max_queued_bytes
+
+    def sweep(self) -> None:
+        """Every second: drop sessions whose connection died, close sessions that stopped keeping up."""
+        now = time.monotonic()
         for conn in list(self._connections):
-            conn.session.close(code, reason)
+            drop_if_lost(conn.session.handler)
+        timeout = self.limits.slow_client_timeout
+        for session in [s for s in self._over_limit if now - (s.over_limit_since or now) > timeout]:
+            self._close_slow(session)
+        if self.queued_bytes > self.limits.max_queued_bytes:
+            if self._over_budget_since is None:
+                self._over_budget_since = now
+            elif now - self._over_budget_since > timeout:
+                self._shed_furthest_behind()
+        else:
+            self._over_budget_since = None
+
+    def _shed_furthest_behind(self) -> None:
+        sessions = sorted((conn.session for conn in self._connections), key=lambda s: s.pending_bytes, reverse=True)
+        target = self.limits.max_queued_bytes * 0.9
+        for session in sessions:
+            if self.queued_bytes <= target or not session.pending_bytes:
+                break
+            self._close_slow(session)
+        self._over_budget_since = None
+
+    def _close_slow(self, session: LiveSession) -> None:
+        log.warning("closing slow session %s (%d bytes behind)", session.session_id, session.pending_bytes)
+        metrics.SLOW_SESSIONS_DROPPED.inc()
+        self._over_limit.discard(session)
+        session.close(*SLOW_CLIENT_CLOSE)

@@ -56,11 +56,13 @@ class KafkaIngest:
                  on_history: typing.Callable[[dict[str, list[str]]], None],
                  on_batch: typing.Callable[[list[LiveRecord]], None],
                  call_soon: typing.Callable[..., None],
-                 wants_every_message: typing.Callable[[], bool] = lambda: True):
+                 wants_every_message: typing.Callable[[], bool] = lambda: True,
+                 congested: typing.Callable[[], bool] = lambda: False):
         """on_history and on_batch run on the IOLoop; call_soon(fn, *args) schedules them there.
 
         wants_every_message() tells whether live clients are connected; without them only the
-        newest records of each topic (for the history) are rendered.
+        newest records of each topic (for the history) are rendered. congested() tells that
+        live sessions are too far behind: the consumer then waits (Kafka keeps the backlog).
         """
         self.kafka = kafka
         self.topics = list(topics)
@@ -71,6 +73,7 @@ class KafkaIngest:
         self._on_batch = on_batch
         self._wants_every_message = wants_every_message
         self._call_soon = call_soon
+        self._congested = congested
         self.stats = IngestStats()
         self.health = IngestHealth()
         self._in_flight = threading.BoundedSemaphore(MAX_BATCHES_IN_FLIGHT)
@@ -246,7 +249,14 @@ class KafkaIngest:
         self._on_batch(records)
 
     def _hand_over(self, callback: typing.Callable[[typing.Any], None], payload: typing.Any) -> None:
-        """Schedule callback(payload) on the IOLoop, waiting while too many batches are in flight."""
+        """Schedule callback(payload) on the IOLoop, waiting while too many batches are in flight
+        or the live sessions are congested."""
+        if self._congested():
+            waited_since = time.monotonic()
+            while self._congested() and not self._stop.is_set():
+                self.health.turned()  # waiting for clients that read is progress, not a stall
+                self._stop.wait(0.005)
+            metrics.INGEST_BACKPRESSURE_SECONDS.inc(time.monotonic() - waited_since)
         while not self._in_flight.acquire(timeout=0.5):
             if self._stop.is_set():
                 return

@@ -1,0 +1,170 @@
+"""The SockJS transports the proxy offers: sockjs-tornado 1.0.7's, with the repairs it needs.
+
+- A connection can die at any moment of the handshake or the stream. sockjs-tornado misses some
+  of those moments (a websocket reset before open() returned, a streaming response whose write
+  failed), leaving sessions attached to dead connections: heartbeats raising every 25 s forever,
+  the session id refused with "Another connection still open". Every transport here can say
+  whether its connection is gone (`connection_lost`) and drop its session (`drop`); writes that
+  fail drop it at once, and LiveHub sweeps the rest every second.
+- Malformed client input (non-SockJS frames, invalid JSON or UTF-8, oversized xhr_send bodies) is
+  the client's error: one log line, a 4xx, no traceback.
+- Websocket frames are written without copying the shared payload per session (`write_frame`).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import typing
+
+import tornado.iostream
+import tornado.websocket
+import ujson
+from sockjs.tornado import proto, transports
+from sockjs.tornado.util import bytes_to_str
+
+log = logging.getLogger("proxy.live")
+
+# Close of a session whose connection broke (as sockjs-tornado's polling transports say it).
+CONNECTION_INTERRUPTED = (1002, "Connection interrupted")
+
+
+class _Droppable:
+    """What every live transport adds: connection_lost() and drop()."""
+
+    session: typing.Any
+
+    def connection_lost(self) -> bool:
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Detach from the session and close it: its connection is gone."""
+        session = self.session
+        if session is None:
+            return
+        self._detach()  # type: ignore[attr-defined]
+        session.close(*CONNECTION_INTERRUPTED)
+
+
+class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
+    """SockJS over a websocket."""
+
+    def open(self, session_id: str) -> None:  # type: ignore[override]
+        super().open(session_id)
+        # A client that reset the connection while the upgrade was answered made Tornado call
+        # on_close() before open(), when there was no session to close yet.
+        if self.session is not None and self.connection_lost():
+            self.on_close()
+
+    def connection_lost(self) -> bool:
+        connection = self.ws_connection
+        return connection is None or connection.is_closing() or connection.stream.closed()
+
+    def drop(self) -> None:
+        self.on_close()
+
+    def on_message(self, message: str | bytes) -> None:
+        # SockJS requires that empty messages be ignored.
+        if not message or not self.session:
+            return
+        try:
+            decoded = proto.json_decode(bytes_to_str(message))
+        except (ValueError, UnicodeDecodeError):
+            log.info("closing websocket from %s: not a SockJS message", self.request.remote_ip)
+            self.close(1002, "malformed SockJS message")
+            return
+        self.session.on_messages(decoded if isinstance(decoded, list) else (decoded,))
+
+    def send_pack(self, message: str, binary: bool = False) -> None:
+        try:
+            self.write_message(message, binary)
+        except (OSError, tornado.websocket.WebSocketClosedError):
+            self.server.io_loop.add_callback(self.on_close)
+
+    def write_frame(self, payload: bytes) -> typing.Awaitable[None]:
+        """Send payload as one text frame, handing the same bytes object to the socket buffer.
+
+        Tornado's write_message copies header and payload into a new bytes object per
+        connection; a history burst to 200 clients would copy 100 MB. The IOStream keeps large
+        buffers by reference, so the shared frame is written without a copy.
+        Raises WebSocketClosedError when the connection is gone.
+        """
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
+            raise tornado.websocket.WebSocketClosedError()
+        size = len(payload)
+        if size < 126:
+            header = struct.pack("BB", 0x81, size)
+        elif size <= 0xFFFF:
+            header = struct.pack("!BBH", 0x81, 126, size)
+        else:
+            header = struct.pack("!BBQ", 0x81, 127, size)
+        try:
+            connection.stream.write(header)
+            return connection.stream.write(payload)
+        except tornado.iostream.StreamClosedError:
+            raise tornado.websocket.WebSocketClosedError() from None
+
+
+class _HttpTransport(_Droppable):
+    """What the HTTP transports (streaming and polling) share."""
+
+    request: typing.Any
+    _finished: bool
+
+    def connection_lost(self) -> bool:
+        stream = getattr(self.request.connection, "stream", None)
+        return self._finished or stream is None or stream.closed()
+
+    def send_complete(self, f: typing.Any = None) -> None:
+        # A write that failed means the client is gone: sockjs-tornado would write again.
+        if f is not None and f.exception() is not None:
+            self.drop()
+            return
+        super().send_complete(f)  # type: ignore[misc]
+
+
+class LiveXhrStreamingTransport(_HttpTransport, transports.XhrStreamingTransport):
+    """SockJS over one long XHR response (reconnects after `response_limit` bytes)."""
+
+
+class LiveEventSourceTransport(_HttpTransport, transports.EventSourceTransport):
+    """SockJS over server-sent events."""
+
+
+class LiveXhrPollingTransport(_HttpTransport, transports.XhrPollingTransport):
+    """SockJS over one XHR request per batch of messages."""
+
+
+class LiveXhrSendHandler(transports.XhrSendHandler):
+    """Messages from xhr-based clients: malformed or oversized bodies get a JSON 4xx."""
+
+    def post(self, session_id: str) -> None:
+        limit = self.server.settings.get("max_message_bytes")
+        if limit is not None and len(self.request.body) > limit:
+            return self._refuse(413, f"message too large: at most {limit} bytes")
+        if not self.request.body:
+            return self._refuse(400, "payload expected")
+        try:
+            ujson.loads(self.request.body)
+        except ValueError:
+            return self._refuse(400, "broken JSON encoding")
+        super().post(session_id)
+
+    def _refuse(self, status: int, error: str) -> None:
+        self.preflight()
+        self.disable_cache()
+        log.info("xhr_send from %s refused: %s", self.request.remote_ip, error)
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.write(ujson.dumps({"error": error}))
+
+
+# sockjs-tornado's handler classes → ours, applied to the router's URL list.
+REPLACEMENTS: dict[type, type] = {
+    transports.WebSocketTransport: LiveWebSocketTransport,
+    transports.XhrStreamingTransport: LiveXhrStreamingTransport,
+    transports.EventSourceTransport: LiveEventSourceTransport,
+    transports.XhrPollingTransport: LiveXhrPollingTransport,
+    transports.XhrSendHandler: LiveXhrSendHandler,
+}
