@@ -1,4 +1,4 @@
-"""The processes of a fan-out benchmark: the proxy, a producer, the load clients; CPU per process.
+"""The processes of a benchmark: the proxy, producers, load clients; CPU, memory, descriptors per process.
 
 Every process is a child of the benchmark, on loopback only, started with a deadline and stopped
 by its pid (SIGTERM, then SIGKILL) in a finally block.
@@ -10,20 +10,31 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import typing
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, REPO)
 
 from proxy import testing  # noqa: E402
+from proxy.config import default_topics  # noqa: E402
 from proxy.demo.broker import terminate  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ENV = dict(os.environ, PYTHONPATH=REPO)
+# Tansu answers a fetch only when fetch.wait.max.ms has passed, even with data waiting (see
+# /work/shared/test-broker.md, item 7), so every benchmark sets the short wait a live consumer on
+# Tansu needs, whatever the product default is. bench/idle.py measures what it costs.
+TANSU_FETCH_WAIT_MS = 10
+# Tansu's in-memory log slows down with the number of batches per partition: a realistic linger
+# (librdkafka's default) keeps batches few; every step uses a fresh broker as well.
+LINGER_MS = 5.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -36,14 +47,43 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-class ProxyProcess(testing.ProxyProcess):
-    """The tests' proxy process (python -m proxy with a YAML config), plus its Prometheus counters."""
+def memory_kib(pid: int) -> dict[str, int]:
+    """Resident set size now (VmRSS) and its peak over the process's life (VmHWM), in KiB."""
+    figures = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, value = line.split()[:2]
+                    figures[name[:-1]] = int(value)
+    except FileNotFoundError:
+        pass
+    return {"rss": figures.get("VmRSS", 0), "peak": figures.get("VmHWM", 0)}
 
-    def __init__(self, bootstrap: str, topics: list[str], env: dict[str, str] | None = None):
+
+def open_descriptors(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0
+
+
+class ProxyProcess(testing.ProxyProcess):
+    """The tests' proxy process (python -m proxy with a YAML config), plus its Prometheus counters.
+
+    The configuration is the shipped one (the 13 Price Wars topics, every default) except for the
+    listener, a quiet log, the Tansu fetch wait and what `config` overrides.
+    """
+
+    def __init__(self, bootstrap: str, topics: list[str] | None = None, env: dict[str, str] | None = None,
+                 config: dict[str, typing.Any] | None = None, fetch_wait_ms: int | None = TANSU_FETCH_WAIT_MS):
         self.workdir = tempfile.mkdtemp(prefix="bench-proxy-")
-        # The production defaults, except for the topics and a quiet log.
-        super().__init__(bootstrap, {"topics": topics, "log_level": "WARNING", "topic_refresh_interval": 2.0},
-                         self.workdir, env=env)
+        settings: dict[str, typing.Any] = {"topics": topics or default_topics(), "log_level": "WARNING",
+                                           "topic_refresh_interval": 2.0}
+        if fetch_wait_ms is not None:
+            settings["kafka"] = {"fetch.wait.max.ms": fetch_wait_ms}
+        settings.update(config or {})
+        super().__init__(bootstrap, settings, self.workdir, env=env)
 
     @property
     def pid(self) -> int:
@@ -59,87 +99,124 @@ class ProxyProcess(testing.ProxyProcess):
                 values[name] = values.get(name, 0.0) + float(value)
         return values
 
+    def suspend(self) -> None:
+        """SIGSTOP: the proxy reads nothing while a backlog is produced."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.resume()  # a stopped process would not act on SIGTERM
         super().stop()
+        # What the proxy complained about outlives its working folder: benchmarks report it.
+        try:
+            lines = self.log().splitlines()
+        except OSError:
+            lines = []
+        self.problems = [line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class LoadClients:
-    """bench/sockjs_load.py in a child process: N websocket clients that count what they get."""
+class LineProcess:
+    """A child that answers one JSON line per command on stdin (the load clients, the producer)."""
 
-    def __init__(self, port: int, clients: int, sample: int = 0, prefix: str = "/live"):
-        self.args = [sys.executable, os.path.join(BENCH, "sockjs_load.py"), "--port", str(port),
-                     "--clients", str(clients), "--sample", str(sample), "--prefix", prefix]
-        self.process: subprocess.Popen | None = None
-        self._buffer = b""
+    process: subprocess.Popen
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def start(self) -> "LoadClients":
-        self.process = subprocess.Popen(self.args, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._line(60)
-        return self
+    def _spawn(self, args: list[str], ready_timeout: float) -> None:
+        self._buffer = b""
+        self.process = subprocess.Popen(args, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready = self.line(ready_timeout)
+        if not ready.startswith("READY"):
+            raise RuntimeError(f"{os.path.basename(args[1])} said {ready!r} instead of READY")
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
 
     def ask(self, command: str, timeout: float = 30.0) -> dict:
         """Send one command and return its JSON answer."""
-        self.process.stdin.write(command.encode() + b"\n")
-        self.process.stdin.flush()
-        return json.loads(self._line(timeout))
+        self.send(command)
+        return json.loads(self.line(timeout))
 
-    def _line(self, timeout: float) -> str:
+    def line(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         fd = self.process.stdout.fileno()
         while b"\n" not in self._buffer:
             ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
             chunk = os.read(fd, 1 << 20) if ready else b""
             if not chunk:
-                raise RuntimeError(f"load clients did not answer within {timeout}s (exit code {self.process.poll()})")
+                raise RuntimeError(f"{self.__class__.__name__} did not answer within {timeout}s "
+                                   f"(exit code {self.process.poll()})")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.decode()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        process = getattr(self, "process", None)
+        if process is not None and process.poll() is None:
             try:
-                self.process.stdin.write(b"STOP\n")
-                self.process.stdin.flush()
-                self.process.wait(5)
+                self.send("STOP")
+                process.wait(5)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        terminate(self.process, 10.0)
+        terminate(process, 10.0)
 
 
-class ProducerProcess:
-    """bench/producer.py in a child process; set_rate() changes its pace."""
+class LoadClients(LineProcess):
+    """bench/sockjs_load.py in a child process: N SockJS sessions of one transport that count what they get."""
 
-    def __init__(self, bootstrap: str, topic: str, rate: float, duration: float = 120.0, linger_ms: float = 2.0):
-        self.args = [sys.executable, os.path.join(BENCH, "producer.py"), "--bootstrap", bootstrap, "--topic", topic,
+    def __init__(self, port: int, clients: int, sample: int = 0, prefix: str = "/live", transport: str = "websocket",
+                 connect_rate: float = 0.0, histories: int = 0, wait_for_go: bool = False):
+        self.clients = clients
+        self.args = [sys.executable, os.path.join(BENCH, "sockjs_load.py"), "--port", str(port),
+                     "--clients", str(clients), "--sample", str(sample), "--prefix", prefix,
+                     "--transport", transport, "--connect-rate", str(connect_rate), "--histories", str(histories)]
+        if wait_for_go:
+            self.args.append("--wait-for-go")
+
+    def start(self, timeout: float = 60.0) -> "LoadClients":
+        self._spawn(self.args, timeout)
+        return self
+
+
+class ProducerProcess(LineProcess):
+    """bench/producer.py in a child process; set_rate() changes its pace, result() ends it.
+
+    topic (+ shape): every record into one topic; topics: each record into its simulator topic.
+    """
+
+    def __init__(self, bootstrap: str, topic: str | None, rate: float, duration: float = 120.0,
+                 linger_ms: float = LINGER_MS, shape: str | None = None, topics: list[str] | None = None,
+                 count: int | None = None):
+        self.args = [sys.executable, os.path.join(BENCH, "producer.py"), "--bootstrap", bootstrap,
                      "--rate", str(rate), "--duration", str(duration), "--linger-ms", str(linger_ms)]
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+        self.args += ["--topic", topic] if topic else ["--topics", ",".join(topics or default_topics())]
+        if shape:
+            self.args += ["--shape", shape]
+        if count is not None:
+            self.args += ["--count", str(count)]
 
     def start(self) -> "ProducerProcess":
-        self.process = subprocess.Popen(self.args, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._spawn(self.args, 60.0)
         return self
 
     def set_rate(self, rate: float) -> None:
-        self.process.stdin.write(f"RATE {rate}\n")
-        self.process.stdin.flush()
+        self.send(f"RATE {rate}")
 
-    def result(self) -> dict:
-        """Stop producing and return {"produced", "seconds"}."""
-        self.process.stdin.write("STOP\n")
-        self.process.stdin.flush()
-        out, _ = self.process.communicate(timeout=30)
-        return json.loads(out.strip().splitlines()[-1])
-
-    def stop(self) -> None:
-        terminate(self.process, 10.0)
+    def result(self, timeout: float = 90.0, stop: bool = True) -> dict:
+        """Its summary once every record is acked: after STOP, or (stop=False) once it reached its count."""
+        if stop and self.process.poll() is None:
+            try:
+                self.send("STOP")
+            except OSError:
+                pass  # it finished its count and exited meanwhile
+        return json.loads(self.line(timeout))
 
 
 class CpuMeter:
@@ -148,13 +225,88 @@ class CpuMeter:
     def __init__(self, pids: dict[str, int]):
         self.pids = pids
 
-    def start(self) -> None:
+    def start(self) -> "CpuMeter":
         self._started = time.monotonic()
         self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds used by each process since start()."""
+        return {name: cpu_seconds(pid) - self._before[name] for name, pid in self.pids.items()}
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self._started
-        return {name: (cpu_seconds(pid) - self._before[name]) / wall for name, pid in self.pids.items()}
+        return {name: used / wall for name, used in self.seconds().items()}
+
+
+class Profiler:
+    """py-spy on a process while a step is measured, when BENCH_PROFILE names a folder (else nothing).
+
+    Writes collapsed stacks (py-spy's raw format) to BENCH_PROFILE/<name>.txt; py-spy must be
+    installed (`.venv/bin/pip install py-spy`) and allowed to read the process (root, or ptrace).
+    """
+
+    def __init__(self, pid: int, name: str):
+        folder = os.environ.get("BENCH_PROFILE")
+        self.path = os.path.join(folder, f"{name}.txt") if folder else None
+        self.pid = pid
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Profiler":
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            self.process = subprocess.Popen([spy, "record", "--pid", str(self.pid), "--rate", "200", "--threads",
+                                             "--nonblocking", "--format", "raw", "-o", self.path],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc_info: typing.Any) -> None:
+        if self.process is not None:
+            # py-spy writes its output on SIGINT.
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                terminate(self.process)
+            print(f"  profile: {self.path}")
+
+
+class ResourceSampler:
+    """Samples a process's RSS and open descriptors in a thread: before, peak and now."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid = pid
+        self.interval = interval
+        self.before = {"rss_kib": memory_kib(pid)["rss"], "fds": open_descriptors(pid)}
+        self.peak = dict(self.before)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> "ResourceSampler":
+        self._thread.start()
+        return self
+
+    def now(self) -> dict[str, int]:
+        return {"rss_kib": memory_kib(self.pid)["rss"], "fds": open_descriptors(self.pid)}
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name, value in self.now().items():
+                self.peak[name] = max(self.peak[name], value)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def group_cpu(cpu: dict[str, float], prefix: str) -> dict[str, float]:
+    """CPU shares with the processes whose name starts with prefix summed into one entry."""
+    merged: dict[str, float] = {}
+    for name, share in cpu.items():
+        key = prefix if name.startswith(prefix) else name
+        merged[key] = merged.get(key, 0.0) + share
+    return merged
 
 
 def format_cpu(shares: dict[str, float]) -> str:
