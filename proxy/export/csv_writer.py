@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
+import logging
 import re
 import typing
 from collections.abc import Mapping, Sequence
 
 import ujson
+
+log = logging.getLogger("proxy.export")
 
 # Columns of a topic without declared columns come from the keys of this many first rows.
 INFER_COLUMNS_FROM_ROWS = 1000
@@ -40,11 +42,9 @@ def csv_cell(value: typing.Any) -> str:
             return "'" + value
         return value
     if isinstance(value, (Mapping, list, tuple)):
-        # Starts with { or [, so never a formula.
-        try:
-            return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
-        except OverflowError:  # ujson refuses infinities and NaN, which the stdlib writes
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        # Starts with { or [, so never a formula. Values come from proxy.records, which refuses
+        # NaN and infinities, so allow_nan=False never raises for them.
+        return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
     return csv_cell(str(value))
 
 
@@ -61,6 +61,8 @@ class CsvExportWriter:
         self._header_written = False
         self._inferred = columns is None
         self.rows_written = 0
+        # Rows no cell could be written for (not expected for values from proxy.records).
+        self.rows_skipped = 0
         # Keys seen after the columns were inferred, which have no column: key -> rows dropping it.
         self.dropped_keys: collections.Counter[str] = collections.Counter()
         if self.columns is not None:
@@ -100,7 +102,15 @@ class CsvExportWriter:
         self._known = frozenset(self.columns)
 
     def _write(self, row: Mapping[str, typing.Any]) -> None:
-        self._csv.writerow([csv_cell(row.get(column)) for column in self.columns])
+        try:
+            cells = [csv_cell(row.get(column)) for column in self.columns]
+        except (ValueError, TypeError, OverflowError) as exc:
+            # One row costs only itself; all its cells are known before anything is written.
+            if not self.rows_skipped:
+                log.warning("export skips a row whose cells cannot be written: %r", exc)
+            self.rows_skipped += 1
+            return
+        self._csv.writerow(cells)
         self.rows_written += 1
         if self._inferred and not self._known.issuperset(row):
             self.dropped_keys.update(key for key in row if key not in self._known)

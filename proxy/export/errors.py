@@ -46,6 +46,12 @@ class ExportCancelled(ExportError):
 
 
 class ExportFailed(ExportError):
-    """The export file could not be written (disk full, permissions)."""
+    """The export file could not be written (permissions, an I/O error)."""
 
     status, outcome = 500, "failed"
+
+
+class InsufficientStorage(ExportError):
+    """The data folder's file system is full (or the file too large for it): 507, nothing is kept."""
+
+    status, outcome = 507, "insufficient_storage"

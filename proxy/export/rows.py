@@ -6,15 +6,15 @@ decides what of each the merchant may see; the CSV writer gets plain row dicts.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import itertools
-import json
+import logging
 import typing
 from collections.abc import Iterable, Iterator
 
-import ujson
-
+from proxy import records
 from proxy.export.errors import NotExportable, UnknownTopic
 from proxy.export.scan import PartitionScanner, ScannedRecord
 from proxy.kafka import BEGINNING, PartitionKey
@@ -24,6 +24,8 @@ from proxy.policy import VisibilityPolicy
 ALL_TOPICS_COLUMNS = ("topic", "partition", "offset", "timestamp", "value")
 # Topic label (file names, metrics) of the all-topics export.
 ALL_TOPICS_LABEL = "all"
+# The export's lines keep the export's logger name.
+log = logging.getLogger("proxy.export")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -57,12 +59,14 @@ class ExportRows:
     refusal (403, 404, Kafka down) comes before any output is opened.
     """
 
-    def __init__(self, policy: VisibilityPolicy, request: ExportRequest, scanner: PartitionScanner):
+    def __init__(self, policy: VisibilityPolicy, request: ExportRequest, scanner: PartitionScanner,
+                 max_record_bytes: int = records.DEFAULT_MAX_RECORD_BYTES):
         self.policy = policy
         self.request = request
         self.scanner = scanner
-        # Records that were not JSON objects.
-        self.skipped_records = 0
+        self.max_record_bytes = max_record_bytes
+        # Records of the requested range the export skipped, by reason (proxy.records.REASONS).
+        self.skipped: collections.Counter[str] = collections.Counter()
         self.columns = ALL_TOPICS_COLUMNS if request.topic is None else policy.columns(request.topic)
         partitions = self._partitions_to_read(request.topic)
         self._starts: dict[PartitionKey, int] = {}
@@ -77,6 +81,10 @@ class ExportRows:
             # The tails hold at least `limit` rows in all: skip the oldest of them while merging,
             # rather than keeping the last `limit` rows in memory.
             self._extra_rows = max(0, sum(tail.rows for tail in tails.values()) - request.limit)
+
+    @property
+    def skipped_records(self) -> int:
+        return sum(self.skipped.values())
 
     def __iter__(self) -> Iterator[dict[str, typing.Any]]:
         records = self.scanner.read_merged(self._starts, self._ends)
@@ -115,43 +123,51 @@ class ExportRows:
             window *= 2
             start, stop = max(low, start - window), start
 
-    def _visible_rows(self, records: Iterable[ScannedRecord], count_skipped: bool) -> Iterator[dict[str, typing.Any]]:
-        """The CSV rows the merchant may see among the records in the request's time range."""
+    def _visible_rows(self, scanned: Iterable[ScannedRecord], count_skipped: bool) -> Iterator[dict[str, typing.Any]]:
+        """The CSV rows the merchant may see among the records in the request's time range.
+
+        A record that cannot be used (proxy.records) or turned into rows is skipped and counted:
+        it costs only itself, never the export.
+        """
         request = self.request
-        policy, merchant_id = self.policy, request.merchant_id
+        topic, merchant_id = request.topic, request.merchant_id
         from_ms, to_ms = request.from_ms, request.to_ms
-        for record in records:
+        decode, max_bytes = records.decode_value, self.max_record_bytes
+        for record in scanned:
             # Kafka's record timestamp, not the message's own field: filtered while scanning because
             # offsets_for_times is not reliable on every broker.
             if (from_ms is not None and record.timestamp < from_ms) or (to_ms is not None and record.timestamp > to_ms):
                 continue
-            message = _decode(record.value)
-            if message is None:
+            try:
+                message = decode(record.value, max_bytes)
+                rows = self._rows_of(record, message) if topic is None else self.policy.visible_rows(
+                    record.topic, message, merchant_id)
+                # Built whole before the first is written: a record is exported entirely or not at all.
+                rows = list(rows)
+            except records.SkippedRecord as skip:
                 if count_skipped:
-                    self.skipped_records += 1
+                    self.skipped[skip.reason] += 1
                 continue
-            if request.topic is not None:
-                yield from policy.visible_rows(record.topic, message, merchant_id)
+            except Exception:  # one record must not end every merchant's export of the topic
+                if count_skipped:
+                    self._cannot_render(record)
                 continue
-            visible = policy.visible_message(record.topic, message, merchant_id)
-            if visible is not None:
-                yield {"topic": record.topic, "partition": record.partition, "offset": record.offset,
-                       "timestamp": iso_time(record.timestamp), "value": visible}
+            yield from rows
 
+    def _rows_of(self, record: ScannedRecord, message: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
+        """The all-topics export's row of one record, if the merchant may see it."""
+        visible = self.policy.visible_message(record.topic, message, self.request.merchant_id)
+        if visible is None:
+            return []
+        return [{"topic": record.topic, "partition": record.partition, "offset": record.offset,
+                 "timestamp": iso_time(record.timestamp), "value": visible}]
 
-def _decode(value: bytes | None) -> dict[str, typing.Any] | None:
-    """A record's JSON object, or None if it is not one."""
-    if value is None:
-        return None
-    try:
-        message = ujson.loads(value)
-    except ValueError:
-        try:
-            # ujson rejects some valid JSON (integers beyond 64 bits); the stdlib does not.
-            message = json.loads(value)
-        except ValueError:
-            return None
-    return message if isinstance(message, dict) else None
+    def _cannot_render(self, record: ScannedRecord) -> None:
+        if not self.skipped["cannot_render"]:
+            # Once per export, with the traceback: this is a bug to fix, not bad input.
+            log.exception("export skips %s[%d] offset %d: it cannot be turned into rows", record.topic,
+                          record.partition, record.offset)
+        self.skipped["cannot_render"] += 1
 
 
 def iso_time(epoch_ms: int) -> str | None:

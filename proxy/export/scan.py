@@ -8,7 +8,7 @@ import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from proxy.kafka import Batch, KafkaReader, KafkaUnavailable, PartitionKey
 
@@ -60,12 +60,14 @@ class PartitionScanner:
     BATCH = 1000
 
     def __init__(self, properties: Mapping[str, typing.Any], timeout: float, cancelled: threading.Event,
-                 read_ahead: int = READ_AHEAD_RECORDS):
+                 read_ahead: int = READ_AHEAD_RECORDS, secrets: Iterable[str] = ()):
+        """secrets: the values of ${VAR}s in the properties, blanked out of every librdkafka log line."""
         self._timeout = timeout
         self._cancelled = cancelled
         self._read_ahead = max(2, read_ahead)
         try:
-            self._reader = KafkaReader(properties, defaults=EXPORT_CONSUMER_DEFAULTS, record_errors_fail=True)
+            self._reader = KafkaReader(properties, defaults=EXPORT_CONSUMER_DEFAULTS, secrets=secrets,
+                                       record_errors_fail=True)
         except ValueError as exc:
             raise KafkaUnavailable(str(exc)) from None
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import errno
 import json
 import logging
 import re
 import threading
 import time
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from proxy.config import TOPIC_NAME
 from proxy.export.csv_writer import CsvExportWriter
@@ -28,14 +29,16 @@ from proxy.export.errors import (
     ExportError,
     ExportFailed,
     ExportKafkaUnavailable,
+    InsufficientStorage,
     TooManyExports,
     UnknownTopic,
 )
 from proxy.export.rows import ExportRequest, ExportRows
 from proxy.export.scan import READ_AHEAD_RECORDS, PartitionScanner, ScanCancelled
 from proxy.kafka import KafkaUnavailable
-from proxy.metrics import EXPORT_DURATION, EXPORT_REQUESTS, ROWS_EXPORTED
+from proxy.metrics import EXPORT_DURATION, EXPORT_RECORDS_SKIPPED, EXPORT_REQUESTS, ROWS_EXPORTED
 from proxy.policy import VisibilityPolicy
+from proxy.records import DEFAULT_MAX_RECORD_BYTES
 
 log = logging.getLogger("proxy.export")
 
@@ -43,6 +46,8 @@ log = logging.getLogger("proxy.export")
 # client grow the metrics without bound).
 OTHER_TOPIC_LABEL = "other"
 _PLAIN_LOG_VALUE = re.compile(r"[A-Za-z0-9._:+/=@-]+")
+# A full file system (or a file beyond what it or the process may write): the server has no room.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +57,13 @@ class ExportResult:
     filename: str | None
     rows: int
     bytes: int
-    # Records that were not JSON objects, and cells dropped for lack of an inferred column.
-    skipped_records: int = 0
+    # Records skipped, by reason (proxy.records.REASONS); cells dropped for lack of an inferred column.
+    skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)
     dropped_keys: int = 0
+
+    @property
+    def skipped_records(self) -> int:
+        return sum(self.skipped.values())
 
 
 
@@ -107,8 +116,12 @@ class ExportService:
 
     def __init__(self, kafka: Mapping[str, typing.Any], policy: VisibilityPolicy, data_folder: DataFolder, *,
                  max_concurrent: int = 2, kafka_timeout: float = 10.0, retry_after: int = 5,
-                 read_ahead: int = READ_AHEAD_RECORDS):
+                 read_ahead: int = READ_AHEAD_RECORDS, secrets: Iterable[str] = (),
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
+        """kafka: librdkafka properties; secrets: the values that came from ${VAR}s in them (never logged)."""
         self._kafka = dict(kafka)
+        self._secrets = frozenset(secrets)
+        self._max_record_bytes = max_record_bytes
         self.policy = policy
         self.data_folder = data_folder
         self.max_concurrent = max_concurrent
@@ -224,7 +237,7 @@ class ExportService:
             if running is not None:
                 self._running.discard(running)
         self._record(request, "ok", result.rows, result.bytes, time.monotonic() - started, None,
-                     result.skipped_records, result.dropped_keys)
+                     result.skipped, result.dropped_keys)
         return result
 
     def _check(self, request: ExportRequest) -> None:
@@ -246,6 +259,9 @@ class ExportService:
         try:
             return export(request, cancelled)
         except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise InsufficientStorage(f"no room for the export file: {exc.strerror}; try again later "
+                                          "or ask for less (from, to, limit)") from exc
             raise ExportFailed(f"cannot write the export file: {exc.strerror or exc}") from exc
 
     def _export_to_file(self, request: ExportRequest, cancelled: threading.Event) -> ExportResult:
@@ -265,8 +281,9 @@ class ExportService:
                    open_output: Callable[[], typing.ContextManager[typing.Any]]) -> ExportResult:
         """The whole export, on the export thread: scan, filter, write. Errors come before any output."""
         try:
-            with PartitionScanner(self._kafka, self._kafka_timeout, cancelled, self._read_ahead) as scanner:
-                rows = ExportRows(self.policy, request, scanner)
+            with PartitionScanner(self._kafka, self._kafka_timeout, cancelled, self._read_ahead,
+                                  self._secrets) as scanner:
+                rows = ExportRows(self.policy, request, scanner, self._max_record_bytes)
                 with open_output() as output:
                     writer = CsvExportWriter(output, rows.columns)
                     for row in rows:
@@ -277,19 +294,26 @@ class ExportService:
             raise ExportCancelled(str(exc)) from None
         except KafkaUnavailable as exc:
             raise ExportKafkaUnavailable(str(exc)) from None
-        return ExportResult(None, writer.rows_written, 0, rows.skipped_records, writer.dropped_key_count)
+        skipped = dict(rows.skipped)
+        if writer.rows_skipped:
+            skipped["cannot_render"] = skipped.get("cannot_render", 0) + writer.rows_skipped
+        return ExportResult(None, writer.rows_written, 0, skipped, writer.dropped_key_count)
 
     def _record(self, request: ExportRequest, outcome: str, rows: int, size: int, duration: float,
-                error: str | None, skipped_records: int = 0, dropped_keys: int = 0) -> None:
+                error: str | None, skipped: Mapping[str, int] | None = None, dropped_keys: int = 0) -> None:
         """Metrics and the one log line of an export (the merchant id, never the token)."""
         label = request.label if request.topic is None or self.policy.is_exportable(request.topic) else OTHER_TOPIC_LABEL
         EXPORT_REQUESTS.labels(topic=label, outcome=outcome).inc()
         EXPORT_DURATION.labels(topic=label).observe(duration)
         if rows:
             ROWS_EXPORTED.labels(topic=label).inc(rows)
+        for reason, count in (skipped or {}).items():
+            EXPORT_RECORDS_SKIPPED.labels(topic=label, reason=reason).inc(count)
+        skipped = skipped or {}
         fields = {"merchant_id": request.merchant_id, "topic": request.label, "rows": rows, "bytes": size,
                   "duration": round(duration, 3), "outcome": outcome, "from": request.from_ms,
-                  "to": request.to_ms, "limit": request.limit, "skipped_records": skipped_records or None,
+                  "to": request.to_ms, "limit": request.limit, "skipped_records": sum(skipped.values()) or None,
+                  "skipped": ",".join(f"{reason}:{count}" for reason, count in sorted(skipped.items())) or None,
                   "dropped_keys": dropped_keys or None, "error": error}
         line = " ".join(f"{name}={_log_value(value)}" for name, value in fields.items() if value is not None)
         log.log(logging.INFO if outcome in ("ok", "cancelled") else logging.WARNING, "export %s", line,

@@ -10,7 +10,7 @@ import typing
 
 import ujson
 
-from proxy import metrics
+from proxy import metrics, records
 from proxy.live import wire
 from proxy.live.wire import LiveRecord
 
@@ -47,49 +47,51 @@ class IngestStats:
 class RecordDecoder:
     """Decides which records to forward and renders their envelopes; counts what it skips.
 
-    accept() runs on the consumer thread for every record; envelope() runs on the IOLoop only for
-    records someone will see (the newest of each topic, or all while clients are connected), so
-    ingest does not pay for formatting messages nobody reads.
+    accept() runs on the consumer thread for every record and applies the one rule of
+    proxy.records (what is a usable record) plus the live view's own (no failed requests);
+    envelope() runs on the IOLoop only for records someone will see (the newest of each topic, or
+    all while clients are connected), so ingest does not pay for formatting messages nobody reads.
     """
 
     def __init__(self, topics: typing.Iterable[str], drop_failed_requests: bool,
-                 hidden_fields: typing.Mapping[str, frozenset[str]] | None = None):
+                 hidden_fields: typing.Mapping[str, frozenset[str]] | None = None,
+                 max_record_bytes: int = records.DEFAULT_MAX_RECORD_BYTES):
         self.drop_failed_requests = drop_failed_requests
+        self.max_record_bytes = max_record_bytes
         # Topics with fields nobody may see (from the policy): those values are re-encoded.
         self._hidden = {topic: fields for topic, fields in (hidden_fields or {}).items() if fields}
         self._prefix = {t: wire.envelope_prefix(t) for t in topics}
         self._warned: set[tuple[str, str]] = set()
 
     def accept(self, message: typing.Any, skipped: collections.Counter[tuple[str, str]]) -> bool:
-        """Whether the record is a JSON object to forward (valid, and not a failed request)."""
+        """Whether the record is a usable JSON object to forward (and not a failed request)."""
         try:
-            value = ujson.loads(message.value())
-        except (ValueError, TypeError):
-            return self._skip(message, message.topic(), "invalid_json", skipped)
-        if type(value) is not dict:
-            return self._skip(message, message.topic(), "not_an_object", skipped)
-        if self.drop_failed_requests and value.get("http_code", 200) != 200:
+            value = records.decode_value(message.value(), self.max_record_bytes)
+        except records.SkippedRecord as skip:
+            return self._skip(message, message.topic(), skip.reason, skipped)
+        if self.drop_failed_requests and value.get("http_code", 200) != 200 and records.is_failed_request(value):
             skipped[message.topic(), "failed_request"] += 1
             return False
         return True
 
     def envelope(self, message: typing.Any, skipped: collections.Counter[tuple[str, str]]) -> LiveRecord | None:
-        """(topic, timestamp, envelope JSON) of an accepted record; None if it cannot be JSON."""
+        """(topic, timestamp, envelope JSON) of an accepted record; None (counted) if it cannot be rendered."""
         topic, raw = message.topic(), message.value()
         hidden = self._hidden.get(topic)
-        # Reuse the producer's bytes instead of re-encoding: accept() has proven them to be a
-        # JSON object. ujson also accepts NaN/Infinity, which JSON does not: re-encode those.
-        if hidden or b"NaN" in raw or b"Infinity" in raw:
-            value = ujson.loads(raw)
-            for field in hidden or ():
-                value.pop(field, None)
-            try:
+        try:
+            if hidden:
+                value = records.decode_value(raw, self.max_record_bytes)
+                for field in hidden:
+                    value.pop(field, None)
                 text = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
-            except OverflowError:
-                self._skip(message, topic, "invalid_json", skipped)
-                return None
-        else:
-            text = raw.decode("utf-8")
+            else:
+                # The producer's own bytes: accept() has proven them to be strict JSON, which every
+                # client parses as the proxy did.
+                text = records.value_text(raw)
+        except (records.SkippedRecord, ValueError, OverflowError) as exc:
+            # Not expected after accept(); if it happens, the record costs only itself.
+            self._skip(message, topic, "cannot_render", skipped, detail=repr(exc))
+            return None
         kind, timestamp = message.timestamp()
         if not kind:  # TIMESTAMP_NOT_AVAILABLE
             timestamp = int(time.time() * 1000)
@@ -97,10 +99,12 @@ class RecordDecoder:
                                                       timestamp, text)
 
     def _skip(self, message: typing.Any, topic: str, reason: str,
-              skipped: collections.Counter[tuple[str, str]]) -> bool:
+              skipped: collections.Counter[tuple[str, str]], detail: str | None = None) -> bool:
         skipped[topic, reason] += 1
+        # Once per topic and reason: a producer writing junk must not flood the log.
         if (topic, reason) not in self._warned:
             self._warned.add((topic, reason))
-            log.warning("skipping %s value in topic %s (partition %d, offset %d); further ones are only counted",
-                        reason.replace("_", " "), topic, message.partition(), message.offset())
+            log.warning("skipping a record of topic %s (partition %d, offset %d): %s%s; further ones are only counted",
+                        topic, message.partition(), message.offset(), records.REASONS.get(reason, reason),
+                        f" ({detail})" if detail else "")
         return False
