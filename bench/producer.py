@@ -34,24 +34,32 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy.demo.simulator import MarketSimulator  # noqa: E402
+from proxy.demo.simulator import Merchant, MarketSimulator  # noqa: E402
 
 TICK = 0.001  # the paced producer sends what is due every millisecond
 DISTINCT_VALUES = 5000
 
 
-def realistic_values(count: int, seed: int = 1, shape: str | None = None) -> list[bytes]:
+def realistic_values(count: int, seed: int = 1, shape: str | None = None,
+                     merchant_token: str | None = None) -> list[bytes]:
     """count simulator records the proxy forwards (no failed requests), JSON-encoded.
 
     shape: only records the simulator writes to that topic (buyOffer: ~270 B each); None: every
     topic's shape mixed as the market makes them (~500 B on average, marketSituation ~1.2 kB).
     """
-    return [value for _, value in routed_values(count, seed, None if shape is None else [shape])]
+    return [value for _, value in routed_values(count, seed, None if shape is None else [shape], merchant_token)]
 
 
-def routed_values(count: int, seed: int = 1, topics: typing.Collection[str] | None = None) -> list[tuple[str, bytes]]:
-    """count (simulator topic, JSON record) pairs of the given topics (None: all), no failed requests."""
-    events = MarketSimulator("unused:9092", seed=seed).events()
+def routed_values(count: int, seed: int = 1, topics: typing.Collection[str] | None = None,
+                  merchant_token: str | None = None) -> list[tuple[str, bytes]]:
+    """count (simulator topic, JSON record) pairs of the given topics (None: all), no failed requests.
+
+    merchant_token: one of the market's three merchants has this token (an export sees its rows).
+    """
+    merchants = None
+    if merchant_token:
+        merchants = [Merchant(merchant_token, name="bench"), Merchant.generate("other-1"), Merchant.generate("other-2")]
+    events = MarketSimulator("unused:9092", merchants=merchants, seed=seed).events()
     values: list[tuple[str, bytes]] = []
     for _ in range(1000 * count):  # bounded: a topic list the simulator never writes gives nothing
         if len(values) >= count:
@@ -151,11 +159,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=None, help="stop after this many records")
     parser.add_argument("--linger-ms", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--merchant-token", default=None, help="one of the simulated merchants has this token")
     args = parser.parse_args()
     if args.topic:
-        values = [(args.topic, value) for value in realistic_values(DISTINCT_VALUES, args.seed, args.shape)]
+        values = [(args.topic, value)
+                  for value in realistic_values(DISTINCT_VALUES, args.seed, args.shape, args.merchant_token)]
     else:
-        values = routed_values(DISTINCT_VALUES, args.seed, args.topics.split(","))
+        values = routed_values(DISTINCT_VALUES, args.seed, args.topics.split(","), args.merchant_token)
     pace = Pace(args.rate)
     threading.Thread(target=pace.follow, args=(sys.stdin,), daemon=True).start()
     print("READY", flush=True)

@@ -1,100 +1,222 @@
-"""All benchmarks in sequence, then one table: metric, measured, target, ratio, pass/fail.
+"""`make bench`: every benchmark in sequence, one table against the targets, results as JSON.
 
-Benchmarks report, they do not gate: the exit code is 0 whatever the figures. Each one starts its
-own embedded broker and processes on loopback and stops them before the next begins.
+The shape is an operator's: the shipped 13-topic config, topics with 1 and 4 partitions (the
+embedded broker's default for auto-created topics), ~270 B buyOffer records from the market
+simulator, load clients in several processes. Every figure comes with the CPU of the proxy, the
+broker, the producer and the load clients (and of everything else on the machine: "others"), and
+the proxy's CPU per ingested record and per delivered message, so the cost on another host can be
+read off. Benchmarks report, they do not gate: the exit code is 0 whatever the figures.
 
-    PYTHONPATH=. python bench/run.py
+    PYTHONPATH=. python bench/run.py [--quick] [--only drain,fanout,burst,export,idle,scale_out]
+
+Results go to bench/results/<UTC time>.json. BENCH_PROFILE=<folder> also records a py-spy profile
+of the proxy during each measured window (see bench/processes.py, Profiler).
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import importlib.util
+import json
 import os
-import re
+import platform
 import subprocess
 import sys
 import time
 import traceback
+import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import delivery, ingest, latency  # noqa: E402
-from bench.processes import BENCH, ENV  # noqa: E402
+from bench import backlog_drain, export_scan, fanout, history_burst, idle  # noqa: E402
+from bench.processes import BENCH, REPO  # noqa: E402
 
-INGEST_TARGET = 0.8
-# The export must not grow with the topic; "grows by at most 10 % for 10x the records" is the bar.
-EXPORT_GROWTH_TARGET = 1.10
-
-
-def ingest_row() -> tuple:
-    result = ingest.run()
-    print(f"ingest: proxy {result['proxy_per_s']:,.0f}/s vs bare loop {result['bare_per_s']:,.0f}/s "
-          f"({result['records']:,} records of ~{result['avg_bytes']:.0f} B)")
-    ratio = result["ratio"] / INGEST_TARGET
-    return ("ingest (proxy path / bare consumer loop)",
-            f"{result['ratio']:.2f} x ({result['proxy_per_s']:,.0f}/s)", f">= {INGEST_TARGET:.2f} x", ratio, ratio >= 1)
+RESULTS = os.path.join(BENCH, "results")
+CPU_ORDER = ("proxy", "broker", "producer", "client", "clients", "bare consumer", "others")
 
 
-def delivery_row() -> tuple:
-    result = delivery.run()
-    delivery.report(result)
-    return ("delivery, msgs/s summed over clients",
-            f"{result['delivered_per_s']:,.0f} ({result['ratio_ceiling']:.2f} x ceiling "
-            f"{result['ceiling_per_s']:,.0f})", f">= {delivery.TARGET:,}", result["ratio"], result["ratio"] >= 1)
+class Row(typing.NamedTuple):
+    """One line of the table: a figure against its target."""
+
+    benchmark: str
+    measured: str
+    target: str
+    ratio: float | None  # measured / target, oriented so that <= 1 passes; None: reported only
+    result: str  # PASS, FAIL, REPORT (no target), ERROR
+    cpu: dict[str, float]
+    us_per_ingested: float | None = None
+    us_per_delivered: float | None = None
 
 
-def latency_row() -> tuple:
-    result = latency.run()
-    latency.report(result)
-    figures = result["latency"]
-    measured = (f"p99 {figures['p99']:.1f} ms (p50 {figures['p50']:.1f}, max {figures['max']:.0f})"
-                if figures["count"] else "nothing timed")
-    if result["closed"]:
-        measured += f", {result['closed']} sessions closed"
-    return (f"latency Kafka->client, {result['rate']:,.0f}/s to {result['clients']} clients", measured,
-            f"p99 <= {latency.TARGET_P99_MS:.0f} ms", result["ratio"], result["ratio"] <= 1 and not result["closed"])
+def drain_rows(partitions: tuple[int, ...], details: dict) -> list[Row]:
+    rows = []
+    for count in partitions:
+        result = backlog_drain.run(partitions=count)
+        backlog_drain.report(result)
+        details[f"backlog_drain_{count}p"] = result
+        closed = f", client CLOSED {result['close_codes']}" if result["closed"] else ", client not closed"
+        rows.append(Row(f"backlog drain 200k -> 1 ws client, {count}p",
+                        f"{result['ratio']:.2f} x bare ({result['proxy_per_s']:,.0f} vs {result['bare_per_s']:,.0f}/s)"
+                        f"{closed}", f">= {backlog_drain.TARGET_RATIO} x, never closed",
+                        backlog_drain.TARGET_RATIO / max(result["ratio"], 1e-9), verdict(result["passed"]),
+                        result["cpu"], result["proxy_us_per_ingested"], result["proxy_us_per_delivered"]))
+    return rows
 
 
-def export_memory_row() -> tuple | None:
-    script = os.path.join(BENCH, "export_memory.py")
-    if not os.path.exists(script):
-        print("export memory: bench/export_memory.py does not exist yet; skipped")
-        return None
-    completed = subprocess.run([sys.executable, script], env=ENV, capture_output=True, text=True, timeout=300)
-    print(completed.stdout, end="")
-    peaks = dict(re.findall(r"^\s*(small|large):.*peak\s+([\d.]+) MiB", completed.stdout, re.MULTILINE))
-    if completed.returncode != 0 or set(peaks) != {"small", "large"}:
-        raise RuntimeError(f"export_memory.py exited with {completed.returncode}: {completed.stderr[-500:]}")
-    growth = float(peaks["large"]) / float(peaks["small"])
-    ratio = growth / EXPORT_GROWTH_TARGET
-    return ("export peak RSS, 10x records / 1x", f"{growth:.2f} x ({peaks['small']} -> {peaks['large']} MiB)",
-            f"<= {EXPORT_GROWTH_TARGET:.2f} x", ratio, ratio <= 1)
+def fanout_rows(steps: list[tuple[int, float, int]], details: dict) -> list[Row]:
+    rows = []
+    for clients, rate, partitions in steps:
+        result = fanout.run_step(clients, rate, partitions)
+        fanout.report(result)
+        details[f"fanout_{clients}c_{rate:.0f}_{partitions}p"] = result
+        targets = fanout.targets_for(clients, rate)
+        ratios = []
+        if targets.p99_ms is not None:
+            ratios.append(result["latency_ms"].get("p99", float("inf")) / targets.p99_ms)
+        if targets.proxy_cpu is not None:
+            ratios.append(result["cpu"]["proxy"] / targets.proxy_cpu)
+        if targets.peak_rss_mb is not None:
+            ratios.append(result["proxy_peak_rss_mb"] / targets.peak_rss_mb)
+        rows.append(Row(f"{clients} clients, {rate / 1000:.0f}k msg/s, {partitions}p", fanout.describe(result),
+                        ", ".join(result["checks"]), max(ratios) if ratios else None, verdict(result["passed"]),
+                        result["cpu"], result["proxy_us_per_ingested"], result["proxy_us_per_delivered"]))
+    return rows
+
+
+def burst_rows(details: dict) -> list[Row]:
+    result = history_burst.run()
+    history_burst.report(result)
+    details["history_burst"] = result
+    return [Row(f"history burst, {result['clients']} clients at once",
+                f"p99 {result['p99_ms']:.0f} ms (p50 {result['p50_ms']:.0f}), {result['complete']} complete, "
+                f"{result['history_bytes'] / 1000:.0f} kB each", f"p99 <= {history_burst.TARGET_P99_MS:.0f} ms",
+                result["ratio"], verdict(result["passed"]), result["cpu"])]
+
+
+def export_rows(details: dict) -> list[Row]:
+    result = export_scan.run()
+    export_scan.report(result)
+    details["export_scan"] = result
+    return [Row(f"export scan, {result['records'] // 1000}k records",
+                f"{result['ratio']:.2f} x ceiling ({result['scan_per_s']:,.0f} vs {result['ceiling_per_s']:,.0f}/s); "
+                f"peak RSS {result['peak_small_mib']:.0f} -> {result['peak_large_mib']:.0f} MiB",
+                f">= {export_scan.TARGET_RATIO} x, RSS <= {export_scan.TARGET_RSS_GROWTH:.2f} x 100k's",
+                max(export_scan.TARGET_RATIO / max(result["ratio"], 1e-9),
+                    result["rss_growth"] / export_scan.TARGET_RSS_GROWTH),
+                verdict(result["passed"]), result["cpu"], result["proxy_us_per_record"])]
+
+
+def idle_rows(details: dict) -> list[Row]:
+    result = idle.run(waits=(10, 500, None))
+    idle.report(result)
+    details["idle"] = result
+    return [Row(f"idle, 52 partitions, fetch.wait.max.ms={setting['fetch_wait_ms']}",
+                f"proxy {setting['cpu']['proxy']:.1%}, broker {setting['cpu']['broker']:.1%}", "report", None,
+                "REPORT", setting["cpu"]) for setting in result["settings"]]
+
+
+def scale_out_rows(details: dict) -> list[Row]:
+    """bench/scale_out.py (another benchmark's own file), when it exists: run() returns a dict."""
+    path = os.path.join(BENCH, "scale_out.py")
+    if not os.path.exists(path):
+        print("scale-out: bench/scale_out.py does not exist; skipped")
+        return []
+    spec = importlib.util.spec_from_file_location("bench.scale_out", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.run()
+    details["scale_out"] = result
+    print(json.dumps(result, indent=2, default=str))
+    passed = result.get("passed")
+    return [Row("scale-out", str(result.get("summary", "see details")), str(result.get("target", "")),
+                result.get("ratio"), "REPORT" if passed is None else verdict(passed), result.get("cpu", {}))]
+
+
+def verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def format_cpu_cell(cpu: dict[str, float]) -> str:
+    names = sorted(cpu, key=lambda name: CPU_ORDER.index(name) if name in CPU_ORDER else len(CPU_ORDER))
+    return " ".join(f"{name} {cpu[name]:.0%}" for name in names)
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("benchmark", "measured", "target", "ratio", "result", "CPU (100% = 1 core)", "proxy us/ingested",
+              "proxy us/delivered")
+    table = [header] + [(row.benchmark, row.measured, row.target, "" if row.ratio is None else f"{row.ratio:.2f}",
+                         row.result, format_cpu_cell(row.cpu),
+                         "" if row.us_per_ingested is None else f"{row.us_per_ingested:.1f}",
+                         "" if row.us_per_delivered is None else f"{row.us_per_delivered:.2f}") for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    print("\n" + "  ".join(cell.ljust(width) for cell, width in zip(header, widths)))
+    print("  ".join("-" * width for width in widths))
+    for line in table[1:]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(f"\nratio = measured / target, oriented so that <= 1 passes (for 'at least' targets: target / measured). "
+          f"All processes shared this machine's {os.cpu_count()} cores; 'others' is what the rest of the machine "
+          f"used meanwhile.")
+
+
+def git_state() -> dict[str, typing.Any]:
+    def git(*args: str) -> str:
+        completed = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return completed.stdout.strip() if completed.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty_files": git("status", "--porcelain", "--", "proxy").splitlines()}
+
+
+def plan(quick: bool) -> dict[str, typing.Callable[[dict], list[Row]]]:
+    """The benchmarks by name, each a function of the details dict that returns table rows."""
+    partitions = (4,) if quick else (1, 4)
+    steps = [(100, rate, count) for count in partitions for rate in (1000, 5000, 10000)]
+    steps += [(10, rate, 4) for rate in (1000, 5000, 10000)]
+    return {
+        "drain": lambda details: drain_rows(partitions, details),
+        "fanout": lambda details: fanout_rows(steps, details),
+        "burst": burst_rows,
+        "export": export_rows,
+        "idle": idle_rows,
+        "scale_out": scale_out_rows,
+    }
 
 
 def main() -> int:
-    rows = []
-    for name, bench in (("ingest", ingest_row), ("delivery", delivery_row), ("latency", latency_row),
-                        ("export memory", export_memory_row)):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 partitions only (about half the time)")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
+    args = parser.parse_args()
+    benchmarks = plan(args.quick)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(benchmarks)
+    unknown = [name for name in chosen if name not in benchmarks]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(benchmarks)}")
+
+    started = time.monotonic()
+    rows: list[Row] = []
+    details: dict[str, typing.Any] = {}
+    for name in chosen:
         print(f"\n=== {name} ===", flush=True)
-        started = time.monotonic()
+        began = time.monotonic()
         try:
-            row = bench()
+            rows.extend(benchmarks[name](details))
         except Exception:  # one failing benchmark must not hide the others' figures
             traceback.print_exc()
-            row = (name, "error (see above)", "", None, False)
-        print(f"({name}: {time.monotonic() - started:.0f} s)", flush=True)
-        if row is not None:
-            rows.append(row)
+            rows.append(Row(name, "error (see above)", "", None, "ERROR", {}))
+        print(f"({name}: {time.monotonic() - began:.0f} s)", flush=True)
 
-    header = ("metric", "measured", "target", "ratio", "result")
-    table = [header] + [(metric, measured, target, "" if ratio is None else f"{ratio:.2f}",
-                         "PASS" if passed else "FAIL") for metric, measured, target, ratio, passed in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    print("\n" + "  ".join(cell.ljust(width) for cell, width in zip(header, widths)))
-    print("  ".join("-" * width for width in widths))
-    for row in table[1:]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-    print("\nratio = measured / target (ingest, delivery: >= 1 passes; latency, export memory: <= 1 passes). "
-          f"All processes shared this machine's {os.cpu_count()} cores.")
+    print_table(rows)
+    os.makedirs(RESULTS, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    path = os.path.join(RESULTS, now.strftime("%Y%m%dT%H%M%SZ") + ".json")
+    with open(path, "w") as handle:
+        json.dump({"when": now.isoformat(timespec="seconds"), "seconds": round(time.monotonic() - started),
+                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                               "load_average_at_end": os.getloadavg()},
+                   "git": git_state(), "rows": [row._asdict() for row in rows], "details": details},
+                  handle, indent=1, default=str)
+    print(f"results: {os.path.relpath(path, REPO)} ({time.monotonic() - started:.0f} s in all)")
     return 0
 
 
