@@ -25,6 +25,11 @@ class TopicRules(typing.Protocol):
 OWNER_FIELD = "merchant_id"
 
 
+def owner_of(message: Mapping[str, typing.Any]) -> typing.Any:
+    """The merchant a message belongs to (its merchant_id field), None if it has none."""
+    return message.get(OWNER_FIELD)
+
+
 def merchant_id_for(token: str) -> str:
     """A merchant's public id: base64 (standard alphabet, padded) of sha256 of its token."""
     return base64.b64encode(hashlib.sha256(token.encode("utf-8")).digest()).decode("ascii")
@@ -71,12 +76,17 @@ class VisibilityPolicy:
 
     def is_visible(self, topic: str, message: Mapping[str, typing.Any], merchant_id: str | None) -> bool:
         """Whether the merchant may see this message at all (None: an anonymous reader)."""
+        if not isinstance(message, Mapping):
+            return False
+        return self.is_visible_owner(topic, owner_of(message), merchant_id)
+
+    def is_visible_owner(self, topic: str, owner: typing.Any, merchant_id: str | None) -> bool:
+        """is_visible() for a message whose owner (owner_of) is known: visibility depends on nothing else."""
         rules = self._rules.get(topic)
-        if rules is None or not isinstance(message, Mapping):
+        if rules is None:
             return False
         if rules.policy == "public":
             return True
-        owner = message.get(OWNER_FIELD)
         if rules.policy == "owner_or_unowned" and owner is None:
             return True
         # "owner", or an owned message under "owner_or_unowned". Anything unknown sees nothing.

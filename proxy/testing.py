@@ -160,31 +160,47 @@ class SockJSClosed(Exception):
 
 
 class SockJSClient:
-    """A SockJS client over the websocket or xhr_streaming transport, decoding JSON messages."""
+    """A SockJS client over any of the proxy's transports (websocket, xhr_streaming, eventsource,
+    xhr polling), decoding JSON messages."""
 
-    def __init__(self, base: str, transport: str = "websocket", prefix: str = "/live"):
+    TRANSPORTS = ("websocket", "xhr_streaming", "eventsource", "xhr")
+
+    def __init__(self, base: str, transport: str = "websocket", prefix: str = "/live",
+                 session: str | None = None):
         self.transport = transport
-        server, session = "000", uuid.uuid4().hex[:12]
+        self.session_id = session or uuid.uuid4().hex[:12]
         host_port = base.split("//", 1)[1]
+        self.host, port = host_port.split(":")
+        self.port = int(port)
+        self.url = f"{prefix}/000/{self.session_id}"
         self.pending: list[typing.Any] = []
+        self.frames: list[str] = []  # frames read but not yet parsed (polling reads one per request)
+        self.http: http.client.HTTPConnection | None = None
         if transport == "websocket":
-            self.ws = websocket.create_connection(f"ws://{host_port}{prefix}/{server}/{session}/websocket", timeout=10)
+            self.ws = websocket.create_connection(f"ws://{host_port}{self.url}/websocket", timeout=10)
             self.ws.settimeout(1)
-        elif transport == "xhr_streaming":
-            host, port = host_port.split(":")
-            self.http = http.client.HTTPConnection(host, int(port), timeout=10)
-            self.http.request("POST", f"{prefix}/{server}/{session}/xhr_streaming", body=b"")
-            self.response = self.http.getresponse()
-            assert self.response.status == 200, self.response.status
-            prelude = self.response.readline()
-            assert prelude.strip() == b"h" * 2048
-            self.http.sock.settimeout(1)
-        else:
+        elif transport in ("xhr_streaming", "eventsource"):
+            self._open_stream()
+        elif transport != "xhr":
             raise ValueError(transport)
-        self._send_url = f"{base}{prefix}/{server}/{session}/xhr_send"
+        self._send_url = f"{base}{self.url}/xhr_send"
+
+    def _open_stream(self) -> None:
+        self.http = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        if self.transport == "xhr_streaming":
+            self.http.request("POST", f"{self.url}/xhr_streaming", body=b"")
+        else:
+            self.http.request("GET", f"{self.url}/eventsource")
+        self.response = self.http.getresponse()
+        assert self.response.status == 200, self.response.status
+        prelude = self.response.readline()
+        assert prelude.strip() in (b"h" * 2048, b""), prelude[:50]
+        self.http.sock.settimeout(1)
 
     def _frame(self) -> str:
         """The next SockJS frame, or "" if none came within a second."""
+        if self.frames:
+            return self.frames.pop(0)
         if self.transport == "websocket":
             try:
                 return self.ws.recv()
@@ -192,13 +208,32 @@ class SockJSClient:
                 return ""
             except websocket.WebSocketConnectionClosedException:
                 raise SockJSClosed(0, "connection closed") from None
+        if self.transport == "xhr":
+            return self._poll()
         try:
             line = self.response.readline()
         except TimeoutError:
             return ""
         if not line:
-            raise SockJSClosed(0, "stream ended")
-        return line.decode().rstrip("\n")
+            # The server ends a streaming response after its response limit: reconnect, as
+            # SockJS clients do, to the same session.
+            self.http.close()
+            self._open_stream()
+            return ""
+        text = line.decode().rstrip("\r\n")
+        if self.transport == "eventsource":
+            return text[len("data: "):] if text.startswith("data: ") else ""
+        return text
+
+    def _poll(self) -> str:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=40)
+        try:
+            connection.request("POST", f"{self.url}/xhr", body=b"")
+            response = connection.getresponse()
+            assert response.status == 200, response.status
+            return response.read().decode().rstrip("\n")
+        finally:
+            connection.close()
 
     def receive(self, count: int = 1, timeout: float = 10.0) -> list[typing.Any]:
         """Exactly `count` decoded messages (more stay pending), waiting up to timeout."""
@@ -238,7 +273,7 @@ class SockJSClient:
         try:
             if self.transport == "websocket":
                 self.ws.close()
-            else:
+            elif self.http is not None:
                 self.http.close()
         except OSError:
             pass

@@ -27,7 +27,9 @@ from sockjs.tornado.session import Session
 
 from proxy import metrics
 from proxy.live import wire
+from proxy.live.access import AUTH_TIMEOUT, EVERYTHING, UNAUTHORIZED_CLOSE, LiveAccess, Viewer
 from proxy.live.history import HistoryBuffer
+from proxy.live.merchant_view import MerchantViews
 from proxy.live.transports import REPLACEMENTS, LiveWebSocketTransport
 from proxy.live.wire import LiveRecord
 
@@ -162,48 +164,108 @@ class LiveSession(Session):
 
 
 class LiveConnection(SockJSConnection):
-    """One browser: gets every topic's history on open, then the topics it subscribed to."""
+    """One browser: gets every topic's history on open, then the topics it subscribed to.
+
+    In token mode (live.access: token) it first has to say who it is: {"type": "auth", "token": T}.
+    """
 
     hub: LiveHub  # set on the subclass made by LiveHub.router()
 
     def on_open(self, info: typing.Any) -> None:
         self.topics: frozenset[str] | None = None  # None: every topic
         self.transport = self.session.transport_name
+        self.viewer: Viewer | None = None
+        self._token: str | None = None
+        self._auth_timer: typing.Any = None
         metrics.LIVE_SESSIONS.labels(self.transport).inc()
-        self.hub.add(self)
+        if self.hub.access.requires_token:
+            self._auth_timer = self.session.server.io_loop.call_later(AUTH_TIMEOUT, self._auth_timed_out)
+        else:
+            self.viewer = EVERYTHING
+            self.hub.add(self)
 
     def on_message(self, message: str) -> None:
         try:
             request = ujson.loads(message)
         except (ValueError, TypeError):
             return self.send_error("message is not valid JSON")
-        if not isinstance(request, dict) or request.get("type") != "subscribe":
+        kind = request.get("type") if isinstance(request, dict) else None
+        if kind == "auth":
+            return self._authenticate(request.get("token"))
+        if kind != "subscribe":
             return self.send_error('expected {"type": "subscribe", "topics": [...]}')
+        if self.viewer is None:
+            return self.send_error('authenticate first: send {"type": "auth", "token": "<token>"}')
         topics = request.get("topics")
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             return self.send_error('"topics" must be a list of topic names')
         unknown = [t for t in topics if t not in self.hub.history]
         if unknown:
             return self.send_error(f"unknown topics: {', '.join(unknown)}")
+        hidden = [t for t in topics if t not in self.hub.visible_topics(self.viewer)]
+        if hidden:
+            return self.send_error(f"topics not visible to this merchant: {', '.join(hidden)}")
         self.hub.subscribe(self, [t for t in self.hub.topics if t in topics])
+
+    def _authenticate(self, token: typing.Any) -> None:
+        access = self.hub.access
+        if not access.requires_token:
+            return self.send_error("live access is open: no authentication needed")
+        if self.viewer is not None:
+            # The same token again is harmless; another one would change whose view this is.
+            if isinstance(token, str) and self._token is not None and access.same_token(token, self._token):
+                return self._send([self.viewer.auth_answer()])
+            return self._refuse("already authenticated with another token")
+        viewer = access.viewer_for(token)
+        if viewer is None:
+            return self._refuse('"token" must be a non-empty string')
+        self._cancel_auth_timer()
+        self.viewer, self._token = viewer, token
+        self._send([viewer.auth_answer()])
+        self.hub.add(self)
+
+    def _auth_timed_out(self) -> None:
+        self._auth_timer = None
+        if self.viewer is None:
+            self._refuse(f"no auth message within {AUTH_TIMEOUT:.0f} s")
+
+    def _refuse(self, error: str) -> None:
+        self._cancel_auth_timer()
+        self.send_error(error)
+        self.session.close(*UNAUTHORIZED_CLOSE)
+
+    def _cancel_auth_timer(self) -> None:
+        if self._auth_timer is not None:
+            self.session.server.io_loop.remove_timeout(self._auth_timer)
+            self._auth_timer = None
 
     def on_close(self) -> None:
         transport = getattr(self, "transport", None)  # None: closed before it was opened
         if transport is not None:
             metrics.LIVE_SESSIONS.labels(transport).dec()
+            self._cancel_auth_timer()
         self.hub.remove(self)
 
     def send_error(self, error: str) -> None:
-        self.session.enqueue([wire.control_message({"type": "error", "error": error})])
+        self._send([{"type": "error", "error": error}])
+
+    def _send(self, bodies: list[dict[str, typing.Any]]) -> None:
+        self.session.enqueue([wire.control_message(body) for body in bodies])
 
 
 class LiveHub:
     """Holds the per-topic histories and the open sessions, and fans batches out to them."""
 
-    def __init__(self, topics: list[str], history_size: int, limits: FanoutLimits | None = None):
+    def __init__(self, topics: list[str], history_size: int, limits: FanoutLimits | None = None,
+                 access: LiveAccess | None = None, views: MerchantViews | None = None):
+        """views: how merchants see the stream; needed when access requires tokens."""
         self.topics = list(topics)
         self.history = {topic: HistoryBuffer(topic, history_size) for topic in topics}
         self.limits = limits or FanoutLimits()
+        self.access = access or LiveAccess()
+        self.views = views
+        if self.access.requires_token and views is None:
+            raise ValueError("token access needs merchant views")
         self._topic_json = {topic: wire.topic_json(topic) for topic in topics}
         self.loaded = False
         self._connections: set[LiveConnection] = set()
@@ -232,7 +294,14 @@ class LiveHub:
 
     # ---- sessions ----------------------------------------------------------------------------
 
+    def visible_topics(self, viewer: Viewer) -> list[str]:
+        """The live topics a viewer may see anything of, in configuration order."""
+        if viewer.sees_everything or self.views is None:
+            return self.topics
+        return self.views.visible_topics(viewer.merchant_id or "", self.topics)
+
     def add(self, conn: LiveConnection) -> None:
+        """An (authenticated) session joins the stream: its history now, then live messages."""
         self._connections.add(conn)
         if self.loaded:
             self._send_history(conn, self.topics)
@@ -258,16 +327,26 @@ class LiveHub:
         for topic, envelopes in histories.items():
             self.history[topic].replace(envelopes)
             metrics.HISTORY_SIZE.labels(topic).set(len(self.history[topic]))
+        if self.views is not None:
+            self.views.load(histories)
         self.loaded = True
         for conn in list(self._connections):
             self._send_history(conn, self.topics if conn.topics is None else [t for t in self.topics if t in conn.topics])
 
     def _send_history(self, conn: LiveConnection, topics: typing.Iterable[str]) -> None:
-        # The cached frames themselves: a session holds references, never a copy.
-        frames = [self.history[t].frame() for t in topics]
+        viewer = conn.viewer or EVERYTHING
+        if viewer.sees_everything or self.views is None:
+            # The cached frames themselves: a session holds references, never a copy.
+            topics = list(topics)
+            frames = [self.history[t].frame() for t in topics]
+            count = sum(len(self.history[t]) for t in topics)
+        else:
+            visible = set(self.visible_topics(viewer))
+            cut = [self.views.history_frame(t, viewer.merchant_id or "") for t in topics if t in visible]
+            frames, count = [frame for _, frame in cut], sum(n for n, _ in cut)
         if frames:
             conn.session.enqueue(frames)
-            metrics.MESSAGES_DELIVERED.inc(sum(len(self.history[t]) for t in topics))
+            metrics.MESSAGES_DELIVERED.inc(count)
 
     def publish(self, batch: list[LiveRecord]) -> None:
         """Append a batch to the histories and queue it for every session, encoded once."""
@@ -277,18 +356,25 @@ class LiveHub:
         for topic, envelopes in by_topic.items():
             self.history[topic].extend(envelopes)
             metrics.HISTORY_SIZE.labels(topic).set(len(self.history[topic]))
+        owners = self.views.index(batch) if self.views is not None else None
         if not self._connections or not self.loaded:
             return
         topic_json = self._topic_json
         frames = [(topic, wire.live_message(topic_json[topic], envelope)) for topic, _, envelope in batch]
-        # Sessions with the same subscription share one joined, encoded chunk.
-        chunks: dict[frozenset[str] | None, tuple[list[bytes], int]] = {}
+        # Sessions with the same view (merchant, subscription) share one joined, encoded chunk:
+        # each record is filtered and encoded once per merchant, not once per session.
+        chunks: dict[tuple[str | None, frozenset[str] | None], tuple[list[bytes], int]] = {}
         delivered = 0
         for conn in list(self._connections):
-            key = conn.topics
+            topics = conn.topics
+            merchant = conn.viewer.merchant_id if conn.viewer is not None else None
+            key = (merchant, topics)
             chunk = chunks.get(key)
             if chunk is None:
-                selected = [f for t, f in frames if key is None or t in key]
+                if merchant is None or self.views is None or owners is None:
+                    selected = [f for t, f in frames if topics is None or t in topics]
+                else:
+                    selected = self.views.select(merchant, frames, owners, topics)
                 chunk = chunks[key] = ([",".join(selected).encode()] if selected else [], len(selected))
             if chunk[1]:
                 conn.session.enqueue(chunk[0])

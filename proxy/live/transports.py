@@ -77,8 +77,15 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
 
     def send_pack(self, message: str, binary: bool = False) -> None:
         try:
-            self.write_message(message, binary)
+            future = self.write_message(message, binary)
         except (OSError, tornado.websocket.WebSocketClosedError):
+            self.server.io_loop.add_callback(self.on_close)
+            return
+        future.add_done_callback(self._sent)
+
+    def _sent(self, future: typing.Any) -> None:
+        # Retrieved, so a write to a connection that died meanwhile is no "never retrieved" error.
+        if future.exception() is not None:
             self.server.io_loop.add_callback(self.on_close)
 
     def write_frame(self, payload: bytes) -> typing.Awaitable[None]:

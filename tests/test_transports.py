@@ -1,0 +1,198 @@
+"""Every SockJS transport the proxy offers speaks the same protocol, and no broken connection or
+malformed client input leaves anything behind (sessions, heartbeats, tracebacks, 5xx)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+import websocket
+
+from proxy.testing import SockJSClient, SockJSClosed, produce, unique_topics, wait_until
+
+TRANSPORTS = SockJSClient.TRANSPORTS
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_transport_gets_history_live_messages_subscribe_and_errors(broker, start_proxy, sockjs, transport):
+    first, second = unique_topics("buyOffer", "profit")
+    broker.create_topics([first, second])
+    produce(broker.bootstrap_servers, first, [{"n": n} for n in range(3)])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [first, second]})
+    client = sockjs(proxy.base, transport)
+
+    histories = client.receive(2, timeout=30)
+    assert [(h["type"], h["topic"]) for h in histories] == [("history", first), ("history", second)]
+    assert [e["value"]["n"] for e in histories[0]["messages"]] == [0, 1, 2]
+
+    produce(broker.bootstrap_servers, second, [{"profit": 1.5}])
+    (live,) = client.receive(1, timeout=30)
+    assert live["type"] == "message" and live["topic"] == second and live["message"]["value"] == {"profit": 1.5}
+
+    client.send({"type": "subscribe", "topics": [first]})
+    (history,) = client.receive(1, timeout=30)
+    assert history["type"] == "history" and history["topic"] == first
+    produce(broker.bootstrap_servers, second, [{"profit": 2.5}])
+    produce(broker.bootstrap_servers, first, [{"n": 3}])
+    (live,) = client.receive(1, timeout=30)
+    assert live["topic"] == first and live["message"]["value"] == {"n": 3}
+
+    client.send({"type": "subscribe", "topics": ["nope"]})
+    (error,) = client.receive(1, timeout=30)
+    assert error == {"type": "error", "error": "unknown topics: nope"}
+
+
+@pytest.mark.parametrize("transport", ["websocket", "xhr_streaming", "eventsource"])
+def test_every_streaming_transport_gets_the_shutdown_close_code(broker, start_proxy, sockjs, transport):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    client = sockjs(proxy.base, transport)
+    client.receive(1, timeout=30)
+    proxy.process.terminate()
+    frames = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(f.startswith("c") for f in frames):
+        try:
+            frames.append(client._frame())
+        except Exception:  # the connection ended after the close frame
+            break
+    assert 'c[3000,"server shutting down"]' in frames
+
+
+def _status(proxy) -> dict:
+    return proxy.get("/status")[1]
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashing client or a dropped network does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _connect(proxy) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+
+
+def _read_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while marker not in data and len(data) < limit:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break  # an xhr poll answers one frame per request: the marker may be in the next one
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _websocket_request(session: str) -> bytes:
+    return (f"GET /live/000/{session}/websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def _streaming_request(session: str, transport: str) -> bytes:
+    method = "GET" if transport == "eventsource" else "POST"
+    return (f"{method} /live/000/{session}/{transport} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+# Where in the exchange the client resets: after sending the request, after the first bytes of
+# the answer, after the open frame, and in the middle of the history burst.
+STAGES = {
+    "request sent": None,
+    "answer started": b"HTTP/1.1",
+    "session open": b"o",
+    "history streaming": b'"type\\":\\"history',
+}
+
+
+@pytest.mark.parametrize("transport", ["websocket", "xhr_streaming", "eventsource", "xhr"])
+def test_connections_reset_at_any_stage_leave_no_session_heartbeat_or_traceback(broker, start_proxy, transport):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    produce(broker.bootstrap_servers, topic, [{"n": n, "pad": "x" * 2000} for n in range(100)])
+    # Short heartbeats and disconnect delay, so a heartbeat on a dead connection would show quickly.
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {"heartbeat_interval": 0.5}})
+    sessions = []
+    for round_ in range(10):
+        for stage, marker in STAGES.items():
+            session = f"{round_}{uuid.uuid4().hex[:8]}"
+            sessions.append(session)
+            sock = _connect(proxy)
+            if transport == "websocket":
+                sock.sendall(_websocket_request(session))
+            else:
+                sock.sendall(_streaming_request(session, transport))
+            if marker is not None:
+                _read_until(sock, marker)
+            _reset(sock)
+
+    # Every session ends within the disconnect delay (5 s) plus a sweep; heartbeats stop with them.
+    wait_until(lambda: _status(proxy)["sessions"] == 0, 15, message="every session to end")
+    metrics = proxy.get("/metrics")[1]
+    assert re.search(r'proxy_live_sessions\{transport="[a-z_]+"\} [1-9]', metrics) is None
+    log = proxy.log()
+    assert "Traceback" not in log and "Error in periodic callback" not in log, log[-3000:]
+    assert not re.search(r'proxy_http_requests_total\{route="Live[A-Za-z]+",status="5\d\d"\}', metrics)
+
+    # A reset session's id is free again once the disconnect delay (5 s) is over: reusing it
+    # opens a fresh session instead of being refused with 2010 "Another connection still open".
+    def reopens() -> bool:
+        client = SockJSClient(proxy.base, "xhr_streaming" if transport == "xhr" else transport, session=sessions[-1])
+        try:
+            return client.receive(1, timeout=10)[0]["type"] == "history"
+        except SockJSClosed as closed:
+            assert closed.args[0] != 2010, closed.args
+            return False
+        finally:
+            client.close()
+
+    wait_until(reopens, 15, interval=0.5, message="the session id to be free again")
+
+
+def test_malformed_websocket_frames_are_the_clients_error(broker, start_proxy):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    for payload, opcode in (("hello, not SockJS", websocket.ABNF.OPCODE_TEXT),
+                            (b"\xff\xfe\xfd", websocket.ABNF.OPCODE_TEXT),
+                            ('["unterminated', websocket.ABNF.OPCODE_TEXT)):
+        ws = websocket.create_connection(f"ws://127.0.0.1:{proxy.port}/live/000/{uuid.uuid4().hex[:8]}/websocket",
+                                         timeout=5)
+        assert ws.recv() == "o"
+        ws.send(payload, opcode=opcode)
+        with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
+            for _ in range(50):  # the history, then the close
+                ws.recv()
+        ws.close()
+    wait_until(lambda: _status(proxy)["sessions"] == 0, 15, message="the sessions to end")
+    log = proxy.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert "not a SockJS message" in log
+
+
+@pytest.mark.parametrize("body, status", [(b"", 400), (b"[not json", 400), (b"x" * (70 * 1024), 413)])
+def test_malformed_or_oversized_xhr_send_gets_a_json_4xx(broker, start_proxy, sockjs, body, status):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    client = sockjs(proxy.base, "xhr_streaming")
+    client.receive(1, timeout=30)
+    request = urllib.request.Request(f"{proxy.base}/live/000/{client.session_id}/xhr_send", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == status
+    assert "error" in json.loads(refused.value.read())
+    client.send({"type": "subscribe", "topics": [topic]})  # the session is still fine
+    assert client.receive(1, timeout=30)[0]["type"] == "history"
+    assert "Traceback" not in proxy.log()
