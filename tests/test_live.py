@@ -98,9 +98,9 @@ def test_malformed_values_are_skipped_counted_and_do_not_stop_ingest(broker, sta
     messages = client.receive(2)
     assert [m["message"]["value"] for m in messages] == [{"ok": True}, {"nan": "NaN"}]
     status, body, _ = proxy.get("/status")
-    assert body["topics"][topic]["skipped"] == {"invalid_json": 3, "not_an_object": 2}
+    assert body["topics"][topic]["skipped"] == {"invalid_json": 2, "invalid_utf8": 1, "not_an_object": 2}
     assert body["topics"][topic]["consumed"] == 7
-    assert proxy.log().count("skipping") == 2, "each topic and reason is logged once"
+    assert proxy.log().count("skipping") == 3, "each topic and reason is logged once"
 
 
 def test_failed_requests_are_neither_forwarded_nor_kept(broker, start_proxy, sockjs):
