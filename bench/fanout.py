@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -92,7 +93,9 @@ def run_step(clients: int, rate: float, partitions: int = 4, warmup: float = 2.0
             cpu = cpu_summary(group_cpu(meter.stop(), "clients"), machine.stop())
             produced = producer.result()
             # Everything produced must reach every client: wait for the tail, with a deadline.
-            final = [load.ask(f"UNTIL {load.clients * produced['produced']} 15", timeout=25) for load in loads]
+            for load in loads:  # all wait at once: a client short of messages costs the deadline once
+                load.send(f"UNTIL {load.clients * produced['produced']} 15")
+            final = [json.loads(load.line(25)) for load in loads]
             memory = memory_kib(proxy.pid)
         finally:
             for process in (producer, *loads, proxy):

@@ -68,6 +68,15 @@ def open_descriptors(pid: int) -> int:
         return 0
 
 
+def log_problems(lines: typing.Iterable[str]) -> list[str]:
+    """The proxy's log lines that report a problem: warnings, errors, tracebacks.
+
+    /health answers 503 (logged as an error) until the history is loaded: that is no problem.
+    """
+    return [line for line in lines if (" WARNING " in line or " ERROR " in line or "Traceback" in line)
+            and "path=/health " not in line]
+
+
 class ProxyProcess(testing.ProxyProcess):
     """The tests' proxy process (python -m proxy with a YAML config), plus its Prometheus counters.
 
@@ -115,27 +124,34 @@ class ProxyProcess(testing.ProxyProcess):
             lines = self.log().splitlines()
         except OSError:
             lines = []
-        # /health answers 503 (logged as an error) until the history is loaded: that is no problem.
-        self.problems = [line for line in lines if (" WARNING " in line or " ERROR " in line or "Traceback" in line)
-                         and "path=/health " not in line]
+        self.problems = log_problems(lines)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class LineProcess:
     """A child that answers one JSON line per command on stdin (the load clients, the producer)."""
 
+    args: list[str]
     process: subprocess.Popen
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def _spawn(self, args: list[str], ready_timeout: float) -> None:
+    def launch(self) -> None:
+        """Start the child without waiting for it (several load processes start together)."""
         self._buffer = b""
-        self.process = subprocess.Popen(args, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        ready = self.line(ready_timeout)
+        self.process = subprocess.Popen(self.args, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def wait_ready(self, timeout: float) -> None:
+        ready = self.line(timeout)
         if not ready.startswith("READY"):
-            raise RuntimeError(f"{os.path.basename(args[1])} said {ready!r} instead of READY")
+            raise RuntimeError(f"{os.path.basename(self.args[1])} said {ready!r} instead of READY")
+
+    def _spawn(self, args: list[str], ready_timeout: float) -> None:
+        self.args = args
+        self.launch()
+        self.wait_ready(ready_timeout)
 
     def send(self, command: str) -> None:
         self.process.stdin.write(command.encode() + b"\n")
@@ -195,7 +211,7 @@ class ProducerProcess(LineProcess):
 
     def __init__(self, bootstrap: str, topic: str | None, rate: float, duration: float = 120.0,
                  linger_ms: float = LINGER_MS, shape: str | None = None, topics: list[str] | None = None,
-                 count: int | None = None, merchant_token: str | None = None):
+                 count: int | None = None, merchant_token: str | None = None, topic_suffix: str = ""):
         self.args = [sys.executable, os.path.join(BENCH, "producer.py"), "--bootstrap", bootstrap,
                      "--rate", str(rate), "--duration", str(duration), "--linger-ms", str(linger_ms)]
         self.args += ["--topic", topic] if topic else ["--topics", ",".join(topics or default_topics())]
@@ -205,6 +221,8 @@ class ProducerProcess(LineProcess):
             self.args += ["--count", str(count)]
         if merchant_token:
             self.args += ["--merchant-token", merchant_token]
+        if topic_suffix:
+            self.args += [f"--topic-suffix={topic_suffix}"]
 
     def start(self) -> "ProducerProcess":
         self._spawn(self.args, 60.0)

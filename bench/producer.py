@@ -160,12 +160,14 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--merchant-token", default=None, help="one of the simulated merchants has this token")
+    parser.add_argument("--topic-suffix", default="", help="with --topics: write to <topic><suffix> (tests' unique names)")
     args = parser.parse_args()
     if args.topic:
         values = [(args.topic, value)
                   for value in realistic_values(DISTINCT_VALUES, args.seed, args.shape, args.merchant_token)]
     else:
-        values = routed_values(DISTINCT_VALUES, args.seed, args.topics.split(","), args.merchant_token)
+        values = [(topic + args.topic_suffix, value) for topic, value in
+                  routed_values(DISTINCT_VALUES, args.seed, args.topics.split(","), args.merchant_token)]
     pace = Pace(args.rate)
     threading.Thread(target=pace.follow, args=(sys.stdin,), daemon=True).start()
     print("READY", flush=True)

@@ -1,0 +1,58 @@
+"""A soak in small (issue 9): 200 SockJS sessions over websocket, xhr-streaming and xhr-polling, 15 s
+of live traffic across the 13 shipped topics, then everyone leaves.
+
+What does not depend on the machine's speed is asserted: every session gets every message, none
+is closed, no server error, sessions and descriptors go back to the baseline. The timing figures
+(latency, /health response time, RSS) are printed and attached as a test property; their targets
+are `make soak`'s (bench/soak.py), not a timed test's.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import pytest
+
+from bench.processes import ProducerProcess
+from bench.soak import SoakPlan, judge, report, run_soak
+from proxy.config import default_topics
+from proxy.testing import unique_topics
+
+SESSIONS = 200
+HISTORY_RECORDS = 300
+
+
+@pytest.mark.timeout(240)
+def test_two_hundred_sessions_on_three_transports_get_every_message_and_leave_nothing_behind(
+        broker: typing.Any, start_proxy: typing.Callable[..., typing.Any], record_property: typing.Any) -> None:
+    topics = unique_topics(*default_topics())
+    suffix = topics[0][len(default_topics()[0]):]
+    broker.create_topics(topics, partitions=4)
+    # Some history first, so every session starts with 13 history messages that are not all empty.
+    ProducerProcess(broker.bootstrap_servers, None, rate=0, topics=default_topics(), count=HISTORY_RECORDS,
+                    topic_suffix=suffix).start().result(60, stop=False)
+    # The test broker answers a fetch only after fetch.wait.max.ms: keep it short, as the bench does.
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": topics, "kafka": {"fetch.wait.max.ms": 10}})
+
+    plan = SoakPlan.scaled(SESSIONS, duration=15.0, connect_rate=100.0)
+    result = run_soak(proxy, broker.bootstrap_servers, plan, topic_suffix=suffix, broker_pid=broker.process.pid)
+    report(result)
+    record_property("soak", json.dumps({key: value for key, value in result.items() if key != "problems"}
+                                       | {"targets": judge(result)}, default=str))
+
+    assert result["producer_failed"] == 0 and result["produced"] > 0
+    assert result["held"] == SESSIONS, "every session is open once the connects are done"
+    assert result["all_histories"], "every session got its 13 history messages"
+    assert result["closed"] == 0, f"sessions closed: {result['close_codes']}"
+    assert result["sessions_complete"] == SESSIONS, (
+        f"{SESSIONS - result['sessions_complete']} sessions missed messages: got {result['sessions_short']} "
+        f"of {result['produced']}")
+    assert result["delivered"] == result["expected"]
+    assert result["errors"] == 0, "no HTTP error, refused or cut connection on the client side"
+    assert result["health_ms"]["not_ok"] == 0, f"/health answered {result['health_ms']['statuses']}"
+    assert not result["problems"], f"the proxy logged problems: {result['problems'][:5]}"
+    assert result["back_to_baseline_seconds"] is not None, (
+        f"after everyone left: {result['after']} (baseline {result['baseline']})")
+    assert result["after"]["sessions"] == result["baseline"]["sessions"]
+    assert result["after"]["fds"] <= result["baseline"]["fds"]
