@@ -10,8 +10,6 @@ from proxy.policy import merchant_id_for
 
 # Close of a session that failed to authenticate.
 UNAUTHORIZED_CLOSE = (3401, "unauthorized")
-# Seconds a token-mode session may stay open without authenticating.
-AUTH_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +36,10 @@ EVERYTHING = Viewer("open")
 class LiveAccess:
     """live.access and live.admin_tokens: who may see what on the live stream (and /status)."""
 
-    def __init__(self, mode: str = "open", admin_tokens: typing.Iterable[str] = ()):
+    def __init__(self, mode: str = "open", admin_tokens: typing.Iterable[str] = (), auth_timeout: float = 10.0):
+        """auth_timeout: seconds a token-mode session may stay open without authenticating."""
         self.mode = mode
+        self.auth_timeout = auth_timeout
         # Secrets: kept as bytes for constant-time comparison, never logged or shown.
         self._admin_tokens = [token.encode() for token in admin_tokens if token]
 

@@ -27,7 +27,7 @@ from sockjs.tornado.session import Session
 
 from proxy import metrics
 from proxy.live import wire
-from proxy.live.access import AUTH_TIMEOUT, EVERYTHING, UNAUTHORIZED_CLOSE, LiveAccess, Viewer
+from proxy.live.access import EVERYTHING, UNAUTHORIZED_CLOSE, LiveAccess, Viewer
 from proxy.live.history import HistoryBuffer
 from proxy.live.merchant_view import MerchantViews
 from proxy.live.transports import REPLACEMENTS, LiveWebSocketTransport
@@ -155,6 +155,17 @@ class LiveSession(Session):
         if not drop_if_lost(self.handler):
             super()._heartbeat()
 
+    def close_after_flush(self, code: int, message: str) -> None:
+        """Close, but first send what is queued (e.g. the error that says why)."""
+        handler = self.handler
+        if self._chunks and handler is not None and not self.is_closed:
+            frame = b"".join((b"a[", b",".join(self.take()), b"]"))
+            if isinstance(handler, LiveWebSocketTransport):
+                handler.send_pack(frame.decode())  # ordered before the close frame on the same stream
+            elif handler.active:
+                handler.send_pack(frame.decode())
+        self.close(code, message)
+
     def close(self, code: int = 3000, message: str = "Go away!") -> None:
         if self._chunks or self.in_flight_bytes:
             self.hub.account(self, -self.pending_bytes)
@@ -179,7 +190,8 @@ class LiveConnection(SockJSConnection):
         self._auth_timer: typing.Any = None
         metrics.LIVE_SESSIONS.labels(self.transport).inc()
         if self.hub.access.requires_token:
-            self._auth_timer = self.session.server.io_loop.call_later(AUTH_TIMEOUT, self._auth_timed_out)
+            self._auth_timer = self.session.server.io_loop.call_later(self.hub.access.auth_timeout,
+                                                                      self._auth_timed_out)
         else:
             self.viewer = EVERYTHING
             self.hub.add(self)
@@ -227,12 +239,12 @@ class LiveConnection(SockJSConnection):
     def _auth_timed_out(self) -> None:
         self._auth_timer = None
         if self.viewer is None:
-            self._refuse(f"no auth message within {AUTH_TIMEOUT:.0f} s")
+            self._refuse(f"no auth message within {self.hub.access.auth_timeout:g} s")
 
     def _refuse(self, error: str) -> None:
         self._cancel_auth_timer()
         self.send_error(error)
-        self.session.close(*UNAUTHORIZED_CLOSE)
+        self.session.close_after_flush(*UNAUTHORIZED_CLOSE)
 
     def _cancel_auth_timer(self) -> None:
         if self._auth_timer is not None:
