@@ -1,4 +1,10 @@
-"""The folder of export files: their names, writing each one whole, and a sweeper for retention and a size cap."""
+"""The folder of export files: their names, writing each one whole, and a sweeper for retention and a size cap.
+
+Several instances may share one folder (every instance's data_dir on the same mount), so any
+instance can serve a file another one wrote. Temporary files therefore carry the name of the
+instance writing them: an instance removes its own leftovers at once, and another instance's only
+when nobody has touched them for a long time (owners refresh their running exports' files).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,11 @@ import logging
 import os
 import re
 import secrets
+import socket
+import threading
 import time
 import typing
+import urllib.parse
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
@@ -19,9 +28,15 @@ log = logging.getLogger(__name__)
 # <topic>-<UTC time>-<32 hex chars>.csv. The random part is what keeps a file private: /data
 # asks for no token, so a name must be unguessable.
 EXPORT_FILE_NAME = re.compile(r"[A-Za-z0-9._-]+-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{32}\.csv")
-# An export being written. The leading dot and the suffix keep it out of EXPORT_FILE_NAME,
-# so /data never serves a partial file.
-TEMPORARY_FILE_NAME = re.compile(r"\.tmp-[0-9a-f]{32}\.csv\.part")
+# An export being written: .tmp-<instance id, percent-encoded>-<32 hex chars>.csv.part. The
+# leading dot and the suffix keep it out of EXPORT_FILE_NAME, so /data never serves a partial
+# file. Names without an instance come from versions before shared folders (see _owner_of).
+TEMPORARY_FILE_NAME = re.compile(r"\.tmp-(?:(?P<instance>[A-Za-z0-9._~%-]+)-)?[0-9a-f]{32}\.csv\.part")
+# Another instance's temporary file is left alone until it has been untouched this long, and at
+# least STALE_AFTER_SWEEPS sweep intervals: its owner refreshes the files of running exports on
+# every sweep, and clocks of hosts sharing a network mount may disagree by a minute or two.
+STALE_AFTER_SECONDS = 600.0
+STALE_AFTER_SWEEPS = 5
 
 
 def is_export_file_name(name: str) -> bool:
@@ -36,8 +51,15 @@ class DataFolder:
         self.path = path
         self.retention_seconds = retention_seconds
         self.max_bytes = max_bytes
+        # start() names the instance; until then (unit tests), the host.
+        self.instance_id = socket.gethostname()
+        self.stale_after = STALE_AFTER_SECONDS
         self._periodic: PeriodicCallback | None = None
         self._sweeping = False
+        # Temporary files of this instance's running exports, by path. Export threads add and
+        # remove them, the sweeper (on another thread) reads them.
+        self._writing: set[str] = set()
+        self._writing_lock = threading.Lock()
 
     def new_export_name(self, label: str) -> str:
         """A fresh, unguessable export file name; label is the topic (or "all")."""
@@ -45,7 +67,9 @@ class DataFolder:
         return f"{label}-{now}-{secrets.token_hex(16)}.csv"
 
     def new_temporary_path(self) -> str:
-        return os.path.join(self.path, f".tmp-{secrets.token_hex(16)}.csv.part")
+        """A fresh temporary file name that says which instance writes it."""
+        tag = urllib.parse.quote(self.instance_id, safe="")
+        return os.path.join(self.path, f".tmp-{tag}-{secrets.token_hex(16)}.csv.part")
 
     def new_export_file(self, label: str) -> ExportFile:
         """A new export file, written under a temporary name; a context manager giving the open file."""
@@ -73,7 +97,8 @@ class DataFolder:
         return sum(size for _, _, size in self.export_files())
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Delete files older than the retention, then the oldest while over max_bytes; return their names.
+        """Delete files older than the retention, then the oldest while over max_bytes, then crash
+        leftovers (sweep_temporary_files); return their names.
 
         The newest file is never deleted for size, so a URL just handed out stays valid.
         """
@@ -92,23 +117,67 @@ class DataFolder:
             log.info("data folder sweep removed %d file(s) (%d expired, %d over the size cap), %d bytes left",
                      len(removed), len(expired), len(oversize), total)
         DATA_FOLDER_BYTES.set(total)
-        return removed
+        return removed + self.sweep_temporary_files(now)
 
-    def remove_temporary_files(self) -> int:
-        """Delete the partial files a crash left behind (only at start-up: running exports own theirs)."""
+    def sweep_temporary_files(self, now: float | None = None, starting: bool = False) -> list[str]:
+        """Delete the partial files crashed exports left behind; return their names.
+
+        This instance's own are deleted unless one of its exports is writing them; another
+        instance's only once untouched for stale_after seconds, so a running export elsewhere
+        keeps its file. The files of this instance's running exports are touched, which is
+        what tells the other instances they are alive (an export that filters out most rows
+        may not write for minutes).
+        """
+        now = time.time() if now is None else now
         try:
-            names = [entry.name for entry in os.scandir(self.path) if TEMPORARY_FILE_NAME.fullmatch(entry.name)]
+            entries = list(os.scandir(self.path))
         except FileNotFoundError:
-            return 0
-        removed = sum(1 for name in names if self._remove(name))
-        if removed:
-            log.info("removed %d temporary export file(s) left by an earlier run", removed)
-        return removed
+            return []
+        # Taken after the listing: an export registers its file before creating it, so every
+        # file of ours that was listed is either in this set or already finished.
+        with self._writing_lock:
+            writing = set(self._writing)
+        for path in writing:
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass  # finished meanwhile
+        own, stale = [], []
+        for entry in entries:
+            match = TEMPORARY_FILE_NAME.fullmatch(entry.name)
+            if match is None or entry.path in writing:
+                continue
+            tag = match.group("instance")
+            # A name without an instance was written by a version that did not share folders, so
+            # by this deployment's previous run: removed at start-up as that version did.
+            if (tag is None and starting) or (tag is not None and urllib.parse.unquote(tag) == self.instance_id):
+                own.append(entry.name)
+                continue
+            try:
+                untouched = now - entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # finished, or removed by another instance's sweep
+                continue
+            if untouched > self.stale_after:
+                stale.append(entry.name)
+        removed_own = [name for name in own if self._remove(name)]
+        removed_stale = [name for name in stale if self._remove(name)]
+        if removed_own or removed_stale:
+            log.info("removed %d temporary export file(s) of this instance (%s) left by a crash or an earlier run, "
+                     "%d of other instances untouched for over %.0f s",
+                     len(removed_own), self.instance_id, len(removed_stale), self.stale_after)
+        return removed_own + removed_stale
 
-    def start(self, interval: float) -> None:
-        """At start-up, before serving: create the folder, clean it, then sweep every interval seconds."""
+    def start(self, interval: float, instance_id: str | None = None) -> None:
+        """At start-up, before serving: create the folder, clean it, then sweep every interval seconds.
+
+        instance_id: unique among the instances sharing this folder; it tags this instance's
+        temporary files (default: the host name).
+        """
+        if instance_id is not None:
+            self.instance_id = instance_id
+        self.stale_after = max(STALE_AFTER_SECONDS, STALE_AFTER_SWEEPS * interval)
         os.makedirs(self.path, exist_ok=True)
-        self.remove_temporary_files()
+        self.sweep_temporary_files(starting=True)
         self.sweep()
         self._periodic = PeriodicCallback(self._sweep_in_background, interval * 1000)
         self._periodic.start()
@@ -129,6 +198,14 @@ class DataFolder:
             log.exception("data folder sweep failed")
         finally:
             self._sweeping = False
+
+    def started_writing(self, temporary_path: str) -> None:
+        with self._writing_lock:
+            self._writing.add(temporary_path)
+
+    def stopped_writing(self, temporary_path: str) -> None:
+        with self._writing_lock:
+            self._writing.discard(temporary_path)
 
     def _remove(self, name: str) -> bool:
         try:
@@ -153,7 +230,14 @@ class ExportFile:
 
     def __enter__(self) -> typing.TextIO:
         os.makedirs(self.folder.path, exist_ok=True)
-        self._file = open(self.temporary_path, "x", encoding="utf-8", newline="", buffering=1 << 16)
+        # Registered before it exists and until it is gone, so this instance's sweeper never
+        # takes it for a crash leftover.
+        self.folder.started_writing(self.temporary_path)
+        try:
+            self._file = open(self.temporary_path, "x", encoding="utf-8", newline="", buffering=1 << 16)
+        except BaseException:
+            self.folder.stopped_writing(self.temporary_path)
+            raise
         return self._file
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: typing.Any) -> None:
@@ -171,6 +255,7 @@ class ExportFile:
         except BaseException:
             self._discard()
             raise
+        self.folder.stopped_writing(self.temporary_path)
         _fsync_directory(self.folder.path)
 
     def _discard(self) -> None:
@@ -183,6 +268,7 @@ class ExportFile:
             os.remove(self.temporary_path)
         except FileNotFoundError:
             pass
+        self.folder.stopped_writing(self.temporary_path)
 
 
 def _fsync_directory(path: str) -> None:
