@@ -24,6 +24,7 @@ from proxy.systemd import SystemdNotifier
 from proxy.testing import REPO, unique_topics, wait_until
 
 UNIT_PATH = os.path.join(REPO, "deploy", "kafka-reverse-proxy.service")
+TEMPLATE_PATH = os.path.join(REPO, "deploy", "kafka-reverse-proxy@.service")
 INSTALLED_PROXY = "/opt/kafka-reverse-proxy/.venv/bin/kafka-reverse-proxy"
 # Debian's systemd package; CI installs it when missing.
 SYSTEMD_ANALYZE_HINT = "install it with: apt-get install -y --no-install-recommends systemd"
@@ -121,9 +122,9 @@ def systemd_analyze() -> str:
     return path
 
 
-def unit_with_runnable_exec_start(folder: str) -> str:
-    """A copy of the unit whose ExecStart runs this interpreter (verify insists the binary exists)."""
-    with open(UNIT_PATH) as handle:
+def unit_with_runnable_exec_start(folder: str, unit_path: str = UNIT_PATH, name: str | None = None) -> str:
+    """A copy of the unit (named name) whose ExecStart runs this interpreter (verify insists the binary exists)."""
+    with open(unit_path) as handle:
         lines = handle.readlines()
     exec_lines = [i for i, line in enumerate(lines) if line.startswith("ExecStart=")]
     assert len(exec_lines) == 1, "the unit should have exactly one ExecStart="
@@ -131,7 +132,7 @@ def unit_with_runnable_exec_start(folder: str) -> str:
     prefix = f"ExecStart={INSTALLED_PROXY} "
     assert lines[index].startswith(prefix), f"ExecStart should run {INSTALLED_PROXY}"
     lines[index] = f"ExecStart={sys.executable} -m proxy " + lines[index][len(prefix):]
-    copy = os.path.join(folder, os.path.basename(UNIT_PATH))
+    copy = os.path.join(folder, name or os.path.basename(unit_path))
     with open(copy, "w") as handle:
         handle.writelines(lines)
     return copy
@@ -176,6 +177,46 @@ def test_unit_runs_the_proxy_as_a_notify_service_on_its_state_and_config_directo
     args = parse_args(argv[1:])
     assert args.data_dir == "/var/lib/" + service["StateDirectory"][0]
     assert args.config == f"/etc/{service['ConfigurationDirectory'][0]}/config.yaml"
+
+
+# ---- the template unit: several instances on one host ----------------------------------------
+
+
+def test_template_unit_passes_systemd_analyze_verify_as_an_instance(tmp_path):
+    unit = unit_with_runnable_exec_start(str(tmp_path), TEMPLATE_PATH, "kafka-reverse-proxy@8001.service")
+
+    result = subprocess.run([systemd_analyze(), "verify", unit], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, SYSTEMD_LOG_COLOR="0"))
+
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_template_unit_hardening_keeps_the_exposure_level_ok(tmp_path):
+    unit = unit_with_runnable_exec_start(str(tmp_path), TEMPLATE_PATH, "kafka-reverse-proxy@8001.service")
+
+    result = subprocess.run([systemd_analyze(), "security", "--offline=yes", "--no-pager", unit],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, SYSTEMD_LOG_COLOR="0"))
+
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0, result.stdout
+
+
+def test_template_unit_is_the_single_unit_with_one_port_per_instance():
+    single, template = read_unit(UNIT_PATH), read_unit(TEMPLATE_PATH)
+    differs = {"Unit.Description", "Service.ExecStart", "Service.User"}
+
+    # The same hardening, limits and directories, so the two cannot drift apart.
+    assert {k: v for k, v in template.items() if k not in differs} == \
+        {k: v for k, v in single.items() if k not in differs}
+    # One user for all instances: they share the state directory (the export folder).
+    assert template["Service.User"] == ["kafka-reverse-proxy"] and template["Service.DynamicUser"] == ["yes"]
+    single_args = parse_args(shlex.split(single["Service.ExecStart"][0])[1:])
+    argv = shlex.split(template["Service.ExecStart"][0].replace("%i", "8002"))
+    assert argv[0] == INSTALLED_PROXY
+    args = parse_args(argv[1:])
+    assert args.port == 8002
+    assert (args.config, args.data_dir) == (single_args.config, single_args.data_dir)
 
 
 # ---- SystemdNotifier on its own ------------------------------------------------------------
@@ -304,7 +345,7 @@ def test_notify_protocol_ready_then_stopping(broker, start_proxy, notify_socket)
 
     notify_socket.wait_for("READY=1")
     status, body, _ = proxy.get("/health")
-    assert (status, body) == (200, {"status": "ok"}), "READY=1 before the history was loaded"
+    assert (status, body["status"]) == (200, "ok"), "READY=1 before the history was loaded"
 
     exit_code = proxy.stop()
     notify_socket.wait_for("STOPPING=1", timeout=5)
