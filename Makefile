@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-packages
+.PHONY: demo test bench soak clean system-packages
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,14 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/kafka-reverse-proxy --demo
 
-# The browser test drives Debian's Chromium and the unit test runs systemd-analyze; install them
-# from Debian when they are missing (needs root, as on CI; otherwise say what to install).
+# The browser test drives Debian's Chromium, the unit test runs systemd-analyze and the scale-out
+# test puts Debian's nginx in front of three proxies; install them from Debian when they are
+# missing (needs root, as on CI; otherwise say what to install). nginx lives in /usr/sbin.
 system-packages:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
@@ -37,6 +39,10 @@ test: $(STAMP) system-packages
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# 2,000 SockJS sessions on three transports for 60 s of live traffic (about 2 minutes).
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
