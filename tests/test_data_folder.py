@@ -140,7 +140,8 @@ def test_instances_sweeping_the_same_folder_at_once_remove_each_file_once(tmp_pa
         thread.join(30)
 
     assert failures == []
-    assert sorted(name for names in removed for name in names) == sorted(stale), "a file was removed twice or not at all"
+    removed_by_any = sorted(name for names in removed for name in names)
+    assert removed_by_any == sorted(stale), "a file was removed twice or not at all"
     assert os.listdir(path) == []
 
 

@@ -214,9 +214,8 @@ def test_exports_through_nginx_download_through_nginx_whichever_instance_answers
     # Distinct record timestamps: exports are ordered by them across partitions.
     produce(broker.bootstrap_servers, topic, sales, timestamps=[1_521_194_400_000 + 60_000 * n for n in range(40)])
     columns = ["offer_id", "price", "amount", "merchant_id", "http_code", "timestamp"]
-    proxies = start_instances(start_proxy, broker.bootstrap_servers,
-                              {"topics": [topic], "export": {"topics": {topic: {"policy": "owner", "columns": columns}}}},
-                              tmp_path)
+    export = {"topics": {topic: {"policy": "owner", "columns": columns}}}
+    proxies = start_instances(start_proxy, broker.bootstrap_servers, {"topics": [topic], "export": export}, tmp_path)
     nginx = balancer(proxies)
     host = nginx.base
 

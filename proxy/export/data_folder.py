@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 EXPORT_FILE_NAME = re.compile(r"[A-Za-z0-9._-]+-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{32}\.csv")
 # An export being written: .tmp-<instance id, percent-encoded>-<32 hex chars>.csv.part. The
 # leading dot and the suffix keep it out of EXPORT_FILE_NAME, so /data never serves a partial
-# file. Names without an instance come from versions before shared folders (see _owner_of).
+# file. Names without an instance come from versions before shared folders (sweep_temporary_files).
 TEMPORARY_FILE_NAME = re.compile(r"\.tmp-(?:(?P<instance>[A-Za-z0-9._~%-]+)-)?[0-9a-f]{32}\.csv\.part")
 # Another instance's temporary file is left alone until it has been untouched this long, and at
 # least STALE_AFTER_SWEEPS sweep intervals: its owner refreshes the files of running exports on
