@@ -6,10 +6,13 @@ every session that has something queued and no write in flight; sessions whose q
 same chunks share one frame object, written to each socket without a copy.
 
 Memory is bounded per session and for the whole process, and a client that reads at full speed
-is never closed: when a reading session falls more than `max_session_queue_bytes` behind (or all
-sessions together more than `max_queued_bytes`), the hub reports congestion and ingest waits (Kafka
-keeps the backlog, frames grow: the stream degrades by coalescing). A session that stays over its
-limit for `slow_client_timeout` is not keeping up and is closed (3008), furthest behind first.
+is never closed: when a session falls more than `max_session_queue_bytes` behind (or all sessions
+together more than `max_queued_bytes`), the hub reports congestion and ingest waits, up to
+`slow_client_timeout` at a time (Kafka keeps the backlog; frames grow: the stream degrades by
+coalescing, not by eviction). A session is judged by its socket, not by how much the proxy had to
+queue: it is closed (3008) when it is over its limit and its last write has not completed for
+`slow_client_timeout` (it stopped reading), or when it falls HARD_LIMIT_FACTOR times its limit
+behind (it reads, but slower than the stream); over the total budget, furthest behind first.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ SLOW_CLIENT_CLOSE = (3008, "client too slow: send queue overflowed")
 SHUTDOWN_CLOSE = (3000, "server shutting down")
 # How often dead connections are looked for and lagging sessions judged.
 SWEEP_INTERVAL = 1.0
+# A write takes at most this much of a session's queue (at least one chunk), so a write completes
+# quickly and the session's progress is seen at a fine grain.
+MAX_FRAME_BYTES = 1024 * 1024
+# A session this many times its limit behind reads slower than the stream: closed at once.
+HARD_LIMIT_FACTOR = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +79,10 @@ class LiveSession(Session):
         self.in_flight_bytes = 0   # handed to the socket, not yet sent
         self._writing = False
         self._write_future: typing.Any = None
-        self.last_progress = time.monotonic()
         self.over_limit_since: float | None = None
+        # When the write now in flight started (None: none is); a write that does not complete
+        # means the client does not read.
+        self.write_started: float | None = None
 
     # sockjs-tornado's transports look at send_queue to decide whether to flush at once.
     @property  # type: ignore[override]
@@ -101,19 +111,39 @@ class LiveSession(Session):
         self.hub.account(self, added)
 
     def take(self) -> list[bytes]:
-        """Hand the queued chunks to a write (the hub's tick or flush())."""
-        chunks, self._chunks = self._chunks, []
-        self.in_flight_bytes += self.queued_bytes
-        self.queued_bytes = 0
+        """Hand queued chunks (up to MAX_FRAME_BYTES, at least one) to a write (the tick or flush())."""
+        if self.queued_bytes <= MAX_FRAME_BYTES:
+            chunks, self._chunks = self._chunks, []
+            taken = self.queued_bytes
+        else:
+            taken, count = 0, 0
+            for chunk in self._chunks:
+                if count and taken + len(chunk) > MAX_FRAME_BYTES:
+                    break
+                taken += len(chunk)
+                count += 1
+            chunks, self._chunks = self._chunks[:count], self._chunks[count:]
+        self.in_flight_bytes += taken
+        self.queued_bytes -= taken
         return chunks
 
     def writable(self) -> bool:
         handler = self.handler
         return bool(self._chunks) and handler is not None and handler.active and not self._writing
 
+    def stalled_for(self, now: float) -> float:
+        """Seconds the client has not taken data it could have: a write in flight, or (no
+        transport attached, e.g. a poller that stopped polling) since it went over its limit."""
+        if self.write_started is not None:
+            return now - self.write_started
+        if self.over_limit_since is not None and not self.writable():
+            return now - self.over_limit_since
+        return 0.0
+
     def write(self, frame: bytes) -> None:
         """Send one SockJS frame (b'a[...]') built from take()n chunks."""
         handler = self.handler
+        self.write_started = time.monotonic()
         if isinstance(handler, LiveWebSocketTransport):
             try:
                 future = handler.write_frame(frame)
@@ -129,11 +159,13 @@ class LiveSession(Session):
             # flush() again; the write counts as done then.
             handler.send_pack(frame.decode())
             self._write_finished(None)
+            self.write_started = time.monotonic()  # until the transport calls flush() again
 
     def flush(self) -> None:
-        """Write what is queued now, if a transport can take it (sockjs-tornado calls this)."""
+        """Write what is queued now, if a transport can take it (sockjs-tornado calls this when a
+        transport attaches or finished a write)."""
         self._pending_flush = False
-        self.last_progress = time.monotonic()
+        self.write_started = None
         if self.writable():
             self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
 
@@ -142,9 +174,9 @@ class LiveSession(Session):
             return
         self._writing = False
         self._write_future = None
+        self.write_started = None
         self.hub.account(self, -self.in_flight_bytes)
         self.in_flight_bytes = 0
-        self.last_progress = time.monotonic()
         if future is not None and future.exception() is not None:
             return  # the connection is gone; the sweep or on_close drops the session
         self.hub.settle(self)
@@ -432,9 +464,12 @@ class LiveHub:
         if added <= 0:
             return
         self.mark_dirty(session)
-        if session.pending_bytes > self.limits.max_session_queue_bytes and session not in self._over_limit:
+        limit = self.limits.max_session_queue_bytes
+        if session.pending_bytes > limit and session not in self._over_limit:
             session.over_limit_since = time.monotonic()
             self._over_limit.add(session)
+        if session.pending_bytes > limit * HARD_LIMIT_FACTOR:
+            self._close_slow(session)
 
     def settle(self, session: LiveSession) -> None:
         """The session's pending bytes went down: it may be back within its limit."""
@@ -452,7 +487,8 @@ class LiveHub:
         for conn in list(self._connections):
             drop_if_lost(conn.session.handler)
         timeout = self.limits.slow_client_timeout
-        for session in [s for s in self._over_limit if now - (s.over_limit_since or now) > timeout]:
+        # Over the limit and no write completed for a while: the client stopped reading.
+        for session in [s for s in self._over_limit if s.stalled_for(now) > timeout]:
             self._close_slow(session)
         if self.queued_bytes > self.limits.max_queued_bytes:
             if self._over_budget_since is None:

@@ -57,7 +57,7 @@ class KafkaIngest:
                  on_batch: typing.Callable[[list[LiveRecord]], None],
                  call_soon: typing.Callable[..., None],
                  wants_every_message: typing.Callable[[], bool] = lambda: True,
-                 congested: typing.Callable[[], bool] = lambda: False):
+                 congested: typing.Callable[[], bool] = lambda: False, max_backpressure: float = 5.0):
         """on_history and on_batch run on the IOLoop; call_soon(fn, *args) schedules them there.
 
         wants_every_message() tells whether live clients are connected; without them only the
@@ -74,6 +74,7 @@ class KafkaIngest:
         self._wants_every_message = wants_every_message
         self._call_soon = call_soon
         self._congested = congested
+        self.max_backpressure = max_backpressure
         self.stats = IngestStats()
         self.health = IngestHealth()
         self._in_flight = threading.BoundedSemaphore(MAX_BATCHES_IN_FLIGHT)
@@ -252,8 +253,10 @@ class KafkaIngest:
         """Schedule callback(payload) on the IOLoop, waiting while too many batches are in flight
         or the live sessions are congested."""
         if self._congested():
+            # Bounded: a client that reads, but slower than the stream, must not hold everyone back.
             waited_since = time.monotonic()
-            while self._congested() and not self._stop.is_set():
+            deadline = waited_since + self.max_backpressure
+            while self._congested() and not self._stop.is_set() and time.monotonic() < deadline:
                 self.health.turned()  # waiting for clients that read is progress, not a stall
                 self._stop.wait(0.005)
             metrics.INGEST_BACKPRESSURE_SECONDS.inc(time.monotonic() - waited_since)
