@@ -96,8 +96,9 @@ def run(records: int = 500_000, small: int = 100_000, partitions: int = 4) -> di
         "records": records, "small": small, "partitions": partitions, "rows": second["rows"],
         "small_rows": first["rows"], "seconds": second["seconds"], "small_seconds": first["seconds"],
         "scan_per_s": scan_rate, "ceiling_per_s": ceiling, "ratio": scan_rate / ceiling, "target": TARGET_RATIO,
-        "rss_before_mib": second["rss_before_mib"], "peak_small_mib": first["peak_rss_mib"], "peak_large_mib": second["peak_rss_mib"],
-        "rss_growth": growth, "cpu": cpu, "proxy_us_per_record": 1e6 * second["cpu"]["proxy"] * second["seconds"] / records,
+        "rss_before_mib": second["rss_before_mib"], "peak_small_mib": first["peak_rss_mib"],
+        "peak_large_mib": second["peak_rss_mib"], "rss_growth": growth, "cpu": cpu,
+        "proxy_us_per_record": 1e6 * second["cpu"]["proxy"] * second["seconds"] / records,
         "passed": scan_rate / ceiling >= TARGET_RATIO and growth <= TARGET_RSS_GROWTH,
     }
 
@@ -105,7 +106,8 @@ def run(records: int = 500_000, small: int = 100_000, partitions: int = 4) -> di
 def report(result: dict) -> None:
     print(f"export scan: buyOffer, {result['partitions']} partition(s), simulated market (1 of 3 merchants is ours)")
     print(f"  {result['small']:,} records: {result['small_rows']:,} rows in {result['small_seconds']:.1f} s, "
-          f"peak RSS {result['peak_small_mib']:.0f} MiB (a fresh proxy before the export: {result['rss_before_mib']:.0f} MiB)")
+          f"peak RSS {result['peak_small_mib']:.0f} MiB "
+          f"(a fresh proxy before the export: {result['rss_before_mib']:.0f} MiB)")
     print(f"  {result['records']:,} records: {result['rows']:,} rows in {result['seconds']:.1f} s = "
           f"{result['scan_per_s']:,.0f} records/s; peak RSS {result['peak_large_mib']:.0f} MiB "
           f"({result['rss_growth']:.2f} x the small export's, target <= {TARGET_RSS_GROWTH:.2f})")

@@ -71,7 +71,8 @@ def run(clients: int = 200, processes: int = 4, partitions: int = 4) -> dict:
     p99 = at(0.99)
     return {
         "clients": clients, "processes": len(loads), "complete": complete, "history_bytes": history_bytes,
-        "records_filled": filled["produced"], "p50_ms": at(0.5), "p99_ms": p99, "max_ms": latencies[-1] if complete else None,
+        "records_filled": filled["produced"], "p50_ms": at(0.5), "p99_ms": p99,
+        "max_ms": latencies[-1] if complete else None,
         "wall_s": wall, "cpu": cpu, "proxy_cpu_ms_per_client": 1e3 * cpu_seconds["proxy"] / max(complete, 1),
         "proxy_peak_rss_mb": memory["peak"] * 1024 / 1e6, "target_ms": TARGET_P99_MS, "ratio": p99 / TARGET_P99_MS,
         "passed": complete == clients and p99 <= TARGET_P99_MS,

@@ -7,7 +7,7 @@ Apache Kafka parks an idle fetch until data comes or the wait ends, so the broke
 are the embedded broker's, not a real cluster's. Each setting runs on a fresh broker; "default" is
 whatever the proxy ships (no kafka: override in the config).
 
-    PYTHONPATH=. python bench/idle.py [--waits 10,100,500,default] [--partitions 4] [--seconds 6]
+    PYTHONPATH=. python bench/idle.py [--waits 10,100,500,default] [--partitions 4] [--seconds 4]
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from bench.processes import CpuMeter, MachineCpu, ProxyProcess, cpu_summary, for
 from proxy.config import default_topics  # noqa: E402
 from proxy.demo.broker import TansuBroker  # noqa: E402
 
-SETTLE_SECONDS = 2.0
+SETTLE_SECONDS = 1.5
+BROKER_ALONE_SECONDS = 1.0
 
 
-def run_setting(fetch_wait_ms: int | None, partitions: int = 4, seconds: float = 6.0) -> dict:
+def run_setting(fetch_wait_ms: int | None, partitions: int = 4, seconds: float = 4.0) -> dict:
     """Idle CPU shares of broker alone, then of proxy and broker, for one fetch.wait.max.ms (None: default)."""
     with TansuBroker() as broker:
         broker.create_topics(default_topics(), partitions=partitions)
         alone = CpuMeter({"broker": broker.process.pid}).start()
-        time.sleep(min(2.0, seconds))
+        time.sleep(BROKER_ALONE_SECONDS)
         broker_alone = alone.stop()["broker"]
         proxy = ProxyProcess(broker.bootstrap_servers, fetch_wait_ms=fetch_wait_ms)
         try:
@@ -46,7 +47,7 @@ def run_setting(fetch_wait_ms: int | None, partitions: int = 4, seconds: float =
             "cpu": cpu, "broker_alone": broker_alone}
 
 
-def run(waits: tuple[int | None, ...] = (10, 100, 500, None), partitions: int = 4, seconds: float = 6.0) -> dict:
+def run(waits: tuple[int | None, ...] = (10, 100, 500, None), partitions: int = 4, seconds: float = 4.0) -> dict:
     return {"partitions": partitions, "settings": [run_setting(wait, partitions, seconds) for wait in waits]}
 
 
@@ -62,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--waits", default="10,100,500,default", help="fetch.wait.max.ms values; default: the proxy's")
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
     waits = tuple(None if wait == "default" else int(wait) for wait in args.waits.split(","))
     report(run(waits, args.partitions, args.seconds))

@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--merchant-token", default=None, help="one of the simulated merchants has this token")
-    parser.add_argument("--topic-suffix", default="", help="with --topics: write to <topic><suffix> (tests' unique names)")
+    parser.add_argument("--topic-suffix", default="",
+                        help="with --topics: write to <topic><suffix> (the tests' unique names)")
     args = parser.parse_args()
     if args.topic:
         values = [(args.topic, value)

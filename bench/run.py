@@ -133,6 +133,19 @@ def scale_out_rows(details: dict) -> list[Row]:
                 result.get("ratio"), "REPORT" if passed is None else verdict(passed), result.get("cpu", {}))]
 
 
+def limit(cpu: dict[str, float]) -> str:
+    """What bounded the figure: the proxy's IOLoop (one core), the whole machine, or nothing."""
+    if not cpu:
+        return ""
+    cores = os.cpu_count() or 1
+    busiest = max(cpu, key=cpu.get)
+    if cpu.get("proxy", 0.0) >= 0.9:
+        return "proxy (one core)"
+    if sum(cpu.values()) >= 0.9 * cores:
+        return f"machine ({sum(cpu.values()):.0%} busy; most: {busiest} {cpu[busiest]:.0%})"
+    return "none"
+
+
 def verdict(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
@@ -143,10 +156,10 @@ def format_cpu_cell(cpu: dict[str, float]) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = ("benchmark", "measured", "target", "ratio", "result", "CPU (100% = 1 core)", "proxy us/ingested",
-              "proxy us/delivered")
+    header = ("benchmark", "measured", "target", "ratio", "result", "CPU (100% = 1 core)", "limit",
+              "proxy us/ingested", "proxy us/delivered")
     table = [header] + [(row.benchmark, row.measured, row.target, "" if row.ratio is None else f"{row.ratio:.2f}",
-                         row.result, format_cpu_cell(row.cpu),
+                         row.result, format_cpu_cell(row.cpu), limit(row.cpu),
                          "" if row.us_per_ingested is None else f"{row.us_per_ingested:.1f}",
                          "" if row.us_per_delivered is None else f"{row.us_per_delivered:.2f}") for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -156,7 +169,7 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
     print(f"\nratio = measured / target, oriented so that <= 1 passes (for 'at least' targets: target / measured). "
           f"All processes shared this machine's {os.cpu_count()} cores; 'others' is what the rest of the machine "
-          f"used meanwhile.")
+          f"used meanwhile; limit: proxy = its IOLoop used a whole core, machine = every core was busy.")
 
 
 def git_state() -> dict[str, typing.Any]:
@@ -214,7 +227,8 @@ def main() -> int:
         json.dump({"when": now.isoformat(timespec="seconds"), "seconds": round(time.monotonic() - started),
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                "load_average_at_end": os.getloadavg()},
-                   "git": git_state(), "rows": [row._asdict() for row in rows], "details": details},
+                   "git": git_state(), "rows": [row._asdict() | {"limit": limit(row.cpu)} for row in rows],
+                   "details": details},
                   handle, indent=1, default=str)
     print(f"results: {os.path.relpath(path, REPO)} ({time.monotonic() - started:.0f} s in all)")
     return 0
