@@ -419,7 +419,7 @@ class LiveHub:
                     selected = [f for t, f in frames if topics is None or t in topics]
                 else:
                     selected = self.views.select(merchant, frames, owners, topics)
-                chunk = chunks[key] = ([",".join(selected).encode()] if selected else [], len(selected))
+                chunk = chunks[key] = ([b",".join(selected)] if selected else [], len(selected))
             if chunk[1]:
                 conn.session.enqueue(chunk[0])
                 delivered += chunk[1]

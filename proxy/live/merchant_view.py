@@ -73,8 +73,8 @@ class MerchantViews:
             self._frames[topic].clear()
         return owners
 
-    def select(self, merchant_id: str, frames: list[tuple[str, str]], owners: list[typing.Any],
-               topics: frozenset[str] | None) -> list[str]:
+    def select(self, merchant_id: str, frames: list[tuple[str, bytes]], owners: list[typing.Any],
+               topics: frozenset[str] | None) -> list[bytes]:
         """The encoded live messages of a batch the merchant may see (of its subscribed topics)."""
         visible = self.policy.is_visible_owner
         return [frame for (topic, frame), owner in zip(frames, owners)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typing
 
+import orjson
 import ujson
 
 # (topic, record timestamp in ms, envelope JSON): one record rendered for the live stream.
@@ -21,6 +22,17 @@ def sockjs_quote(payload: str) -> str:
     ASCII-only output: some SockJS transports (and old browsers) mangle raw U+2028 and friends.
     """
     return ujson.dumps(payload, ensure_ascii=True, escape_forward_slashes=False)
+
+
+def sockjs_quote_bytes(payload: str) -> bytes:
+    """sockjs_quote() as ASCII bytes, the fast way: this runs for every live message.
+
+    An ASCII string (str.isascii() is a flag, no scan) quoted by orjson is plain ASCII and about
+    4 x faster than ujson's ensure_ascii pass; anything else takes that pass.
+    """
+    if payload.isascii():
+        return orjson.dumps(payload)
+    return ujson.dumps(payload, ensure_ascii=True, escape_forward_slashes=False).encode()
 
 
 def topic_json(topic: str) -> str:
@@ -39,14 +51,14 @@ def render_envelope(prefix: str, partition: int, offset: int, timestamp: int, va
 def history_message(topic_literal: str, envelopes: typing.Iterable[str]) -> bytes:
     """The SockJS-quoted {"type": "history", ...} message (ASCII bytes)."""
     payload = '{"type":"history","topic":%s,"messages":[%s]}' % (topic_literal, ",".join(envelopes))
-    return sockjs_quote(payload).encode()
+    return sockjs_quote_bytes(payload)
 
 
-def live_message(topic_literal: str, envelope: str) -> str:
+def live_message(topic_literal: str, envelope: str) -> bytes:
     """The SockJS-quoted {"type": "message", ...} message of one envelope."""
-    return sockjs_quote('{"type":"message","topic":%s,"message":%s}' % (topic_literal, envelope))
+    return sockjs_quote_bytes('{"type":"message","topic":%s,"message":%s}' % (topic_literal, envelope))
 
 
 def control_message(body: dict[str, typing.Any]) -> bytes:
     """A SockJS-quoted message to one client ({"type": "error" | "auth", ...})."""
-    return sockjs_quote(ujson.dumps(body, ensure_ascii=False, escape_forward_slashes=False)).encode()
+    return sockjs_quote_bytes(ujson.dumps(body, ensure_ascii=False, escape_forward_slashes=False))
