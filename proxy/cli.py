@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import resource
 import sys
 import typing
 
@@ -85,13 +86,31 @@ def tune_process() -> None:
     behind for a moment coalesces bigger frames, faults more, falls further behind and ends up
     closing every session as too slow. 16 MiB covers a full session queue (8 MiB by default); up
     to 64 MiB of free heap is kept. Nothing to do where the C library is not glibc.
+
+    Open files: every client connection is a descriptor, and the soft limit is often 1,024 while
+    the hard one is far higher (the systemd unit sets both to 65536 with LimitNOFILE). Raising the
+    soft limit to the hard one needs no privilege; listen.max_connections is derived from it.
     """
+    raise_open_files_limit()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 16 * 1024 * 1024)
     libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+
+
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit; a refusal (a seccomp filter) only costs capacity."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.info("open files limit raised from %d to %d", soft, hard)
 
 
 def run(config: typing.Any) -> int:
