@@ -48,6 +48,9 @@ KEEP = len(MESSAGE) - 1  # bytes kept from the previous read, for a pattern cut 
 TIMESTAMP = re.compile(rb'\\"timestamp\\":(\d+),')
 TIMESTAMP_PREFIX = b'\\"timestamp\\":'
 CLOSE_FRAME = re.compile(rb'\nc\[(\d+)')
+# A SockJS close frame inside a websocket frame: c[<code>,"<reason>"]. Nothing else in the stream
+# looks like it: message content is a quoted JSON string, where a quote would be escaped.
+WEBSOCKET_CLOSE = re.compile(rb'c\[(\d+),"')
 RECV_BYTES = 1 << 18
 GO_TIMEOUT = 60.0
 
@@ -122,6 +125,7 @@ class WebSocketSession(Session):
         self.head = b""
         self.remaining = 0  # payload bytes of the current frame still to come
         self.header = b""  # a frame header cut by a recv boundary
+        self.close_tail = b""  # the end of the previous read, for a close frame cut by a recv boundary
 
     def request(self) -> bytes:
         key = base64.b64encode(os.urandom(16)).decode()
@@ -144,6 +148,11 @@ class WebSocketSession(Session):
         self.bytes += len(data)
         self.count(data)
         self._walk_frames(data)
+        close = WEBSOCKET_CLOSE.search(self.close_tail + data)
+        if close:
+            self.closed = True
+            self.close_code = int(close.group(1))
+        self.close_tail = data[-16:]
         # Complete once the frame that carried the last history message has fully arrived.
         if (self.expected_histories and self.history_done is None and self.histories >= self.expected_histories
                 and self.remaining == 0 and not self.header):
@@ -151,7 +160,7 @@ class WebSocketSession(Session):
         return not self.closed
 
     def _walk_frames(self, data: bytes) -> None:
-        """Skip payloads, count frames; read the code of a SockJS close frame (c[3008,...])."""
+        """Skip payloads, count frames; notice a websocket close frame."""
         if self.header:
             data, self.header = self.header + data, b""
         end, position, remaining = len(data), 0, self.remaining
@@ -173,10 +182,6 @@ class WebSocketSession(Session):
             position += size
             if opcode == 8:
                 self.closed = True
-            elif data[position:position + 2] == b"c[":
-                self.closed = True
-                match = re.match(rb"c\[(\d+)", data[position:position + 16])
-                self.close_code = int(match.group(1)) if match else -1
             remaining = length
         else:
             remaining -= end - position
