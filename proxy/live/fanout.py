@@ -157,7 +157,11 @@ class LiveSession(Session):
         else:
             # HTTP transports mark themselves inactive until the write is flushed, then call
             # flush() again; the write counts as done then.
-            handler.send_pack(frame.decode())
+            send_frame = getattr(handler, "send_frame", None)
+            if send_frame is not None:
+                send_frame(frame)
+            else:
+                handler.send_pack(frame.decode())
             self._write_finished(None)
             self.write_started = time.monotonic()  # until the transport calls flush() again
 
