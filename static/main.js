@@ -37,10 +37,10 @@ for (const entry of metricCharts.values()) {
 
 function renderPricing() {
   updateProductPicker();
-  const key = `${pricing.version}/${selectedProduct}`;
+  const product = selectedProduct === null ? undefined : pricing.products.get(selectedProduct);
+  const key = `${pricing.version}/${selectedProduct}/${product ? product.version : 0}`;
   if (key === pricingShown) return;
   pricingShown = key;
-  const product = selectedProduct === null ? undefined : pricing.products.get(selectedProduct);
   const specs = [], series = [];
   if (product !== undefined) {
     const merchants = [...new Set([...product.prices.keys(), ...product.sales.keys()])].sort();
@@ -121,8 +121,7 @@ function topic(name) {
 }
 
 function toggleTopic(name, enabled) {
-  topic(name).enabled = enabled;
-  topic(name).version++;
+  topic(name).setEnabled(enabled);
   const ticked = [...topics.values()].filter((t) => t.enabled).map((t) => t.name);
   live.subscribe(ticked, ticked.length === topics.size);
   renderSoon();
@@ -153,7 +152,7 @@ function received(message) {
     const raw = pricingRaw.get(message.topic);
     if (raw !== undefined) {
       raw.push(envelope);
-      if (raw.length > MAX_POINTS) raw.shift();
+      if (raw.length >= 2 * MAX_POINTS) raw.splice(0, raw.length - MAX_POINTS);  // in bulk: O(1) a message
       if (!pricingRebuild) pricing.apply(message.topic, envelope);
     }
     const metric = metricCharts.get(message.topic);
@@ -170,7 +169,7 @@ function received(message) {
 function rebuildPricing() {
   pricing.reset();
   const all = [];
-  for (const [name, envelopes] of pricingRaw) for (const envelope of envelopes) all.push([name, envelope]);
+  for (const [name, envelopes] of pricingRaw) for (const envelope of envelopes.slice(-MAX_POINTS)) all.push([name, envelope]);
   all.sort((a, b) => a[1].timestamp - b[1].timestamp);  // stable: ties keep topic order
   for (const [name, envelope] of all) pricing.apply(name, envelope);
   pricingRebuild = false;
@@ -185,22 +184,27 @@ function showServerError(error) {
   errorTimer = setTimeout(() => { el.hidden = true; }, 8000);
 }
 
-// ---- rendering: batched into animation frames, at most 10 a second ------------------------
+// ---- rendering: batched into animation frames, a little at a time ------------------------
 
-// However fast messages come, the page redraws at a human pace: charts and counters at most
-// every CHART_INTERVAL_MS, the (visible) tables every TABLE_INTERVAL_MS, always inside an
-// animation frame.
-const CHART_INTERVAL_MS = 100;
+// However fast messages come, the page redraws at a human pace, always inside an animation
+// frame, and spreads the work: each frame runs at most one job (a chart, or two tables), so no
+// frame is long even when the machine is busy. A job runs when it has something new and its
+// interval has passed.
+const jobs = [
+  {name: "pricing", interval: 250, run: () => { if (pricingRebuild) rebuildPricing(); renderPricing(); }},
+  ...[...metricCharts].map(([name, entry]) => ({name, interval: 250, run: () => renderMetric(entry)})),
+  {name: "legend", interval: 500, run: renderLegend},
+  {name: "counters", interval: 250, run: () => { for (const state of topics.values()) views.renderCounters(state); }},
+  {name: "tables", interval: TABLE_INTERVAL_MS, run: () => views.renderTables(topics.values(), 2)},
+].map((job) => ({...job, dirty: false, last: -Infinity}));
 let frameRequested = false;
 let timer = null;
-let dirty = false;         // charts and counters
-let tablesDirty = false;
-let lastCharts = -Infinity;
-let lastTables = -Infinity;
+let next = 0;              // round robin over the jobs
 let renders = 0;
 
+/** New data: every job may have something to show. */
 function schedule() {
-  dirty = tablesDirty = true;
+  for (const job of jobs) job.dirty = true;
   requestRender();
 }
 
@@ -212,31 +216,29 @@ function requestRender() {
 
 function render(now) {
   frameRequested = false;
-  if (dirty && now - lastCharts >= CHART_INTERVAL_MS) {
-    dirty = false;
-    lastCharts = now;
-    renders++;
-    if (pricingRebuild) rebuildPricing();
-    renderPricing();
-    for (const entry of metricCharts.values()) renderMetric(entry);
-    renderLegend();
-    for (const state of topics.values()) views.renderCounters(state);
+  renders++;
+  for (let i = 0; i < jobs.length; i++) {
+    const job = jobs[(next + i) % jobs.length];
+    if (job.dirty && now - job.last >= job.interval) {
+      job.dirty = false;
+      job.last = now;
+      if (job.run() === false) {  // more left (tables): go on in the next frame
+        job.dirty = true;
+        job.last = -Infinity;
+      }
+      next = (next + i + 1) % jobs.length;
+      break;
+    }
   }
-  if (tablesDirty && now - lastTables >= TABLE_INTERVAL_MS) {
-    tablesDirty = false;
-    lastTables = now;
-    for (const state of topics.values()) views.renderTable(state);
-  }
-  if (dirty || tablesDirty) {
-    const wait = Math.min(dirty ? CHART_INTERVAL_MS - (now - lastCharts) : Infinity,
-                          tablesDirty ? TABLE_INTERVAL_MS - (now - lastTables) : Infinity);
-    timer = setTimeout(() => { timer = null; requestRender(); }, Math.max(0, wait));
-  }
+  let wait = Infinity;
+  for (const job of jobs) if (job.dirty) wait = Math.min(wait, Math.max(0, job.interval - (now - job.last)));
+  if (wait === 0) requestRender();
+  else if (wait !== Infinity) timer = setTimeout(() => { timer = null; requestRender(); }, wait);
 }
 
-/** Something the user changed: show it in the next frame. */
+/** Something the user changed: show it in the next frames. */
 function renderSoon() {
-  lastCharts = lastTables = -Infinity;
+  for (const job of jobs) job.last = -Infinity;
   schedule();
 }
 

@@ -33,8 +33,17 @@ export class TopicState {
     this.version++;
   }
 
+  /** Ticked or unticked: an unticked topic receives nothing, so its rate is 0 at once. */
+  setEnabled(enabled) {
+    this.enabled = enabled;
+    this.samples = [];
+    this.rate = 0;
+    this.version++;
+  }
+
   /** Called once a second: the rate over the last few seconds of live records. */
   sample(nowSeconds) {
+    if (!this.enabled) return;
     this.samples.push([nowSeconds, this.live]);
     while (this.samples.length > RATE_WINDOW + 1) this.samples.shift();
     const [t0, n0] = this.samples[0];
@@ -46,7 +55,11 @@ export class TopicState {
   }
 }
 
-/** Named series of (x, y) points, each capped at MAX_POINTS (the oldest go first). */
+/**
+ * Named series of (x, y) points, each capped at MAX_POINTS (the oldest go first). The arrays
+ * are trimmed in bulk once they hold twice the cap, so adding a point stays O(1) when a series
+ * is full; get() shows only the newest `cap` points.
+ */
 export class SeriesSet {
   constructor(cap = MAX_POINTS) {
     this.cap = cap;
@@ -61,7 +74,7 @@ export class SeriesSet {
     }
     s.xs.push(x);
     s.ys.push(y);
-    if (s.xs.length > this.cap) {
+    if (s.xs.length >= 2 * this.cap) {
       s.xs.splice(0, s.xs.length - this.cap);
       s.ys.splice(0, s.ys.length - this.cap);
     }
@@ -75,15 +88,11 @@ export class SeriesSet {
     return [...this.series.keys()];
   }
 
+  /** The newest `cap` points of a series, {xs, ys}; undefined if it has none. */
   get(key) {
-    return this.series.get(key);
-  }
-
-  /** Points per series (gaps not counted). */
-  counts() {
-    const counts = {};
-    for (const [key, s] of this.series) counts[key] = s.ys.reduce((n, y) => (y === null ? n : n + 1), 0);
-    return counts;
+    const s = this.series.get(key);
+    if (s === undefined || s.xs.length <= this.cap) return s;
+    return {xs: s.xs.slice(-this.cap), ys: s.ys.slice(-this.cap)};
   }
 }
 
@@ -126,7 +135,7 @@ export class PricingModel {
 
   constructor() {
     this.products = new Map();
-    this.version = 0;
+    this.version = 0;  // bumped when everything is rebuilt; each product has its own
   }
 
   reset() {
@@ -138,7 +147,7 @@ export class PricingModel {
     const key = String(id);
     let product = this.products.get(key);
     if (product === undefined) {
-      product = {id: key, offers: new Map(), best: new Map(), prices: new SeriesSet(), sales: new SeriesSet()};
+      product = {id: key, offers: new Map(), best: new Map(), prices: new SeriesSet(), sales: new SeriesSet(), version: 0};
       this.products.set(key, product);
     }
     return product;
@@ -192,7 +201,7 @@ export class PricingModel {
     const product = this.product(value.product_id);
     const merchant = String(value.merchant_id);
     product.sales.add(merchant, t, price);
-    this.version++;
+    product.version++;
     if (Number(value.left_in_stock) === 0 && value.offer_id !== undefined && product.offers.delete(value.offer_id)) {
       this.record(product, merchant, t);  // sold out: the merchant's best price may have gone up, or away
     }
@@ -210,6 +219,6 @@ export class PricingModel {
       product.best.set(merchant, best);
       product.prices.add(merchant, t, best);
     }
-    this.version++;
+    product.version++;
   }
 }

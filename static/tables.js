@@ -52,14 +52,12 @@ function describe(envelope) {
   return lines.join("\n");
 }
 
-/** The newest records of a topic as an HTML table (newest first), and its number of columns. */
-export function recordsTable(rows) {
-  if (rows.length === 0) return {html: `<p class="no-records">no records yet</p>`, columns: 0};
-  const newestFirst = rows.slice().reverse();
+/** The table columns of some records: their fields in first-seen order, and whether any is not an object. */
+function fieldsOf(records) {
   const columns = [];
   const seen = new Set();
   let scalar = false;
-  for (const envelope of newestFirst) {
+  for (const envelope of records) {
     const value = envelope.value;
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
       scalar = true;
@@ -72,6 +70,21 @@ export function recordsTable(rows) {
       }
     }
   }
+  return {columns, scalar};
+}
+
+/** How many columns the records' table has (the time included). */
+export function columnCount(rows) {
+  if (rows.length === 0) return 0;
+  const {columns, scalar} = fieldsOf(rows);
+  return 1 + columns.length + (scalar ? 1 : 0);
+}
+
+/** The newest records of a topic as an HTML table (newest first), and its number of columns. */
+export function recordsTable(rows) {
+  if (rows.length === 0) return {html: `<p class="no-records">no records yet</p>`, columns: 0};
+  const newestFirst = rows.slice().reverse();
+  const {columns, scalar} = fieldsOf(newestFirst);
   const head = ["time", ...columns, ...(scalar ? ["value"] : [])]
     .map((name) => `<th title="${escapeHtml(name)}">${escapeHtml(HEADERS[name] || name.replace(/_/g, " "))}</th>`).join("");
   const body = newestFirst.map((envelope) => {
@@ -122,7 +135,7 @@ export class TopicViews {
     this.list.appendChild(row);
 
     const card = document.createElement("section");
-    card.className = "card records-card";
+    card.className = "card records-card empty";
     card.dataset.topic = topic.name;
     card.innerHTML = `<header><h3></h3><span class="paused">paused</span>` +
                      `<span class="stats"><b class="count">0</b> msgs · <b class="rate">0.0</b>/s</span></header>` +
@@ -132,7 +145,7 @@ export class TopicViews {
     this.cards.appendChild(card);
     view = {
       row, checkbox, card, table: card.querySelector(".table-wrap"), visible: false,
-      counted: -1, tabled: -1,
+      counted: -1, tabled: undefined, rowsSeen: -1,
       rowCount: row.querySelector(".count"), rowRate: row.querySelector(".rate"),
       cardCount: card.querySelector(".count"), cardRate: card.querySelector(".rate"),
     };
@@ -151,17 +164,36 @@ export class TopicViews {
     view.rowRate.textContent = `${rate}/s`;
     view.cardRate.textContent = rate;
     view.card.dataset.count = view.row.dataset.count = String(topic.count);
+    // The card's size follows its records even before its table is drawn (it is drawn only
+    // when on screen), so the page does not jump while scrolling.
+    if (view.rowsSeen !== topic.rows.length) {
+      view.rowsSeen = topic.rows.length;
+      view.card.classList.toggle("empty", topic.rows.length === 0);
+      view.card.classList.toggle("wide", columnCount(topic.rows) >= 5);  // two grid columns for wide records
+      if (view.tabled === undefined && topic.rows.length > 0) {
+        view.table.innerHTML = `<p class="no-records">…</p>`;  // drawn once on screen
+      }
+    }
     view.card.classList.toggle("disabled", !topic.enabled);
     view.row.classList.toggle("disabled", !topic.enabled);
     view.checkbox.checked = topic.enabled;
   }
 
-  renderTable(topic) {
-    const view = this.ensure(topic);
-    if (!view.visible || view.tabled === topic.version) return;
-    view.tabled = topic.version;
-    const table = recordsTable(topic.rows);
-    view.table.innerHTML = table.html;
-    view.card.classList.toggle("wide", table.columns >= 5);  // two grid columns for wide records
+  /** Rebuild at most `limit` visible tables with new records; false if more are waiting. */
+  renderTables(topics, limit) {
+    let done = 0;
+    for (const topic of topics) {
+      const view = this.ensure(topic);
+      if (!view.visible || view.tabled === topic.rows.at(-1)) continue;
+      if (done === limit) return false;
+      this.renderTable(topic, view);
+      done++;
+    }
+    return true;
+  }
+
+  renderTable(topic, view) {
+    view.tabled = topic.rows.at(-1);  // the newest record shown
+    view.table.innerHTML = recordsTable(topic.rows).html;
   }
 }

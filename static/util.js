@@ -7,22 +7,40 @@ export function shortId(id) {
   return id === undefined || id === null ? "—" : String(id).slice(0, SHORT_ID_LENGTH);
 }
 
+// Ten colours that stay apart from each other on white.
+const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#ea580c", "#7c3aed", "#0891b2", "#db2777", "#65a30d",
+                 "#92400e", "#475569"];
 const colours = new Map();
+const taken = new Set();
 
-/** The colour of a merchant in every chart and table: a hue from a hash (FNV-1a) of its id. */
+function hash(text) {
+  let h = 0x811c9dc5;  // FNV-1a
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193) >>> 0;
+  }
+  return h;
+}
+
+/**
+ * The colour of a merchant in every chart, legend and table. A hash of the id picks it from the
+ * palette; if another merchant already has that colour, the next free one (while there is one).
+ * Once given, a merchant's colour does not change.
+ */
 export function merchantColour(id) {
   const key = String(id);
   let colour = colours.get(key);
   if (colour === undefined) {
-    let hash = 0x811c9dc5;
-    for (let i = 0; i < key.length; i++) {
-      hash ^= key.charCodeAt(i);
-      hash = Math.imul(hash, 0x01000193) >>> 0;
+    const start = hash(key) % PALETTE.length;
+    colour = PALETTE[start];
+    for (let i = 0; i < PALETTE.length; i++) {
+      const candidate = PALETTE[(start + i) % PALETTE.length];
+      if (!taken.has(candidate)) {
+        colour = candidate;
+        break;
+      }
     }
-    const hue = hash % 360;
-    // Yellows and greens look washed out at the lightness that suits blues and reds.
-    const lightness = hue > 40 && hue < 170 ? 36 : 46;
-    colour = `hsl(${hue}, ${62 + (hash >>> 9) % 18}%, ${lightness}%)`;
+    taken.add(colour);
     colours.set(key, colour);
   }
   return colour;
