@@ -31,6 +31,11 @@ _MERCHANT_ID = re.compile(r"[A-Za-z0-9+/]{43}=")
 
 def csv_cell(value: typing.Any) -> str:
     """One CSV cell: numbers and strings as they are, true/false, "" for null, compact JSON for nesting."""
+    kind = type(value)
+    if kind is str:
+        return _text_cell(value)
+    if kind is int or kind is float:
+        return repr(value)
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -38,14 +43,18 @@ def csv_cell(value: typing.Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        if value.startswith(_FORMULA_STARTS) and not (_NUMBER.fullmatch(value) or _MERCHANT_ID.fullmatch(value)):
-            return "'" + value
-        return value
+        return _text_cell(value)
     if isinstance(value, (Mapping, list, tuple)):
         # Starts with { or [, so never a formula. Values come from proxy.records, which refuses
         # NaN and infinities, so allow_nan=False never raises for them.
         return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
     return csv_cell(str(value))
+
+
+def _text_cell(value: str) -> str:
+    if value.startswith(_FORMULA_STARTS) and not (_NUMBER.fullmatch(value) or _MERCHANT_ID.fullmatch(value)):
+        return "'" + value
+    return value
 
 
 class CsvExportWriter:
@@ -67,6 +76,20 @@ class CsvExportWriter:
         self.dropped_keys: collections.Counter[str] = collections.Counter()
         if self.columns is not None:
             self._write_header()
+
+    def write_rows(self, rows: typing.Iterable[Mapping[str, typing.Any]]) -> None:
+        """write_row() for each row."""
+        rows = iter(rows)
+        if not self._header_written:
+            for row in rows:
+                self.write_row(row)
+                if self._header_written:
+                    break
+            else:
+                return
+        write = self._write
+        for row in rows:
+            write(row)
 
     def write_row(self, row: Mapping[str, typing.Any]) -> None:
         if self._header_written:
@@ -103,14 +126,24 @@ class CsvExportWriter:
 
     def _write(self, row: Mapping[str, typing.Any]) -> None:
         try:
-            cells = [csv_cell(row.get(column)) for column in self.columns]
+            cells = list(map(row.get, self.columns))
+            # The csv module writes ints and floats as repr() and None as "", like csv_cell: only
+            # the other cells go through it (this loop is most of an export's CPU time).
+            for index, value in enumerate(cells):
+                kind = type(value)
+                if kind is str:
+                    if value.startswith(_FORMULA_STARTS):
+                        cells[index] = _text_cell(value)
+                elif not (kind is int or kind is float or value is None):
+                    cells[index] = csv_cell(value)
+            # The csv module renders the whole line before writing it: a bad cell writes nothing.
+            self._csv.writerow(cells)
         except (ValueError, TypeError, OverflowError) as exc:
-            # One row costs only itself; all its cells are known before anything is written.
+            # One row costs only itself.
             if not self.rows_skipped:
                 log.warning("export skips a row whose cells cannot be written: %r", exc)
             self.rows_skipped += 1
             return
-        self._csv.writerow(cells)
         self.rows_written += 1
         if self._inferred and not self._known.issuperset(row):
             self.dropped_keys.update(key for key in row if key not in self._known)

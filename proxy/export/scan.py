@@ -136,7 +136,12 @@ class PartitionScanner:
         # Partitions not at their end with nothing buffered: the merge cannot go on without them.
         starving = set(starts)
         paused: set[PartitionKey] = set()
-        heads: list[tuple[tuple[int, str, int, int], PartitionKey]] = []
+        read_ahead, resume_below = self._read_ahead, self._read_ahead // 2
+        # (head record, its partition). Records compare as (timestamp, topic, partition, offset):
+        # a stable, reproducible order, and never equal, so the partition is never compared.
+        heads: list[tuple[ScannedRecord, PartitionKey]] = []
+        # This loop runs once per record of every export: no per-record helper calls.
+        new_record, heappush, heappop, heapreplace = tuple.__new__, heapq.heappush, heapq.heappop, heapq.heapreplace
 
         def reached_end(key: PartitionKey) -> None:
             not_at_end.discard(key)
@@ -161,30 +166,45 @@ class PartitionScanner:
                         continue
                     next_offset[key] = offset + 1
                     queue = buffered[key]
-                    record = _record_of(message)
+                    record = new_record(ScannedRecord, (message.timestamp()[1], key[0], key[1], offset, message.value()))
                     queue.append(record)
                     if len(queue) == 1:
-                        heapq.heappush(heads, (_merge_key(record), key))
+                        heappush(heads, (record, key))
                         starving.discard(key)
                     if end is not None and offset + 1 >= end:
                         reached_end(key)
-                    elif len(queue) >= self._read_ahead and key not in paused:
+                    elif len(queue) >= read_ahead and key not in paused:
                         reader.pause([key])
                         paused.add(key)
-                for key in batch.ends:
+                for key in batch_ends:
                     # Every record before the end event came in this batch or an earlier one.
                     if key in not_at_end:
                         reached_end(key)
             if not heads:
                 return
-            _, key = heapq.heappop(heads)
+            if len(heads) == 1:
+                # Only one partition has records left to merge (a topic of one partition, or the
+                # others are done): its records go out in order, without the heap.
+                _, key = heads.pop()
+                queue = buffered[key]
+                if key in paused:
+                    reader.resume([key])
+                    paused.discard(key)
+                while queue:
+                    yield queue.popleft()
+                if key in not_at_end:
+                    starving.add(key)
+                continue
+            record, key = heads[0]
             queue = buffered[key]
-            record = queue.popleft()
+            queue.popleft()
             if queue:
-                heapq.heappush(heads, (_merge_key(queue[0]), key))
-            elif key in not_at_end:
-                starving.add(key)
-            if key in paused and len(queue) <= self._read_ahead // 2:
+                heapreplace(heads, (queue[0], key))
+            else:
+                heappop(heads)
+                if key in not_at_end:
+                    starving.add(key)
+            if key in paused and len(queue) <= resume_below:
                 reader.resume([key])
                 paused.discard(key)
             yield record
@@ -207,9 +227,4 @@ class PartitionScanner:
 
 def _record_of(message: typing.Any) -> ScannedRecord:
     return ScannedRecord(message.timestamp()[1], message.topic(), message.partition(), message.offset(), message.value())
-
-
-def _merge_key(record: ScannedRecord) -> tuple[int, str, int, int]:
-    # Ties on the timestamp keep a stable, reproducible order.
-    return (record.timestamp, record.topic, record.partition, record.offset)
 

@@ -286,8 +286,7 @@ class ExportService:
                 rows = ExportRows(self.policy, request, scanner, self._max_record_bytes)
                 with open_output() as output:
                     writer = CsvExportWriter(output, rows.columns)
-                    for row in rows:
-                        writer.write_row(row)
+                    writer.write_rows(iter(rows))
                     writer.finish()
         # The scan's errors, as export errors (HTTP status, metrics outcome).
         except ScanCancelled as exc:
