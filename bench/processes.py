@@ -93,6 +93,7 @@ class ProxyProcess(testing.ProxyProcess):
             settings["kafka"] = {"fetch.wait.max.ms": fetch_wait_ms}
         settings.update(config or {})
         super().__init__(bootstrap, settings, self.workdir, env=env)
+        self.problems: list[str] = []  # the log's warnings and errors, read when it stops
 
     @property
     def pid(self) -> int:
