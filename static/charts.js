@@ -145,7 +145,8 @@ export class TimeChart {
       cursor: {drag: {x: false, y: false}, points: {size: 7}},
       scales: {x: {time: true, range: (u, min, max) => this.xRange(min, max)}},
       axes: [
-        {...AXIS, values: timeTicks, space: 80},
+        // HH:MM:SS labels need more room than HH:MM ones.
+        {...AXIS, values: timeTicks, space: (u, axis, min, max, dim) => (max - min) / dim * 80 < 60 ? 80 : 50},
         {...AXIS, size: 58, values: (u, ticks) => ticks.map((v) => format(v))},
       ],
       series: [

@@ -28,7 +28,7 @@ const metricCharts = new Map([
 
 // ---- charts -------------------------------------------------------------------------------
 
-const pricingChart = new TimeChart($("#chart-pricing"), {format: money, height: 330});
+const pricingChart = new TimeChart($("#chart-pricing"), {format: money, height: 355});
 let pricingShown = -1;
 for (const entry of metricCharts.values()) {
   entry.chart = new TimeChart($(entry.el), {format: entry.format, height: 200});
