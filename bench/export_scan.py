@@ -91,7 +91,7 @@ def run(records: int = 500_000, small: int = 100_000, partitions: int = 4) -> di
     ceiling = best["records"] / best["seconds"]
     scan_rate = records / second["seconds"]
     growth = second["peak_rss_mib"] / first["peak_rss_mib"]
-    cpu = second["cpu"] | {"bare consumer": best["cpu_seconds"] / best["seconds"]}
+    cpu = second["cpu"]
     return {
         "records": records, "small": small, "partitions": partitions, "rows": second["rows"],
         "small_rows": first["rows"], "seconds": second["seconds"], "small_seconds": first["seconds"],
@@ -99,6 +99,9 @@ def run(records: int = 500_000, small: int = 100_000, partitions: int = 4) -> di
         "rss_before_mib": second["rss_before_mib"], "peak_small_mib": first["peak_rss_mib"],
         "peak_large_mib": second["peak_rss_mib"], "rss_growth": growth, "cpu": cpu,
         "proxy_us_per_record": 1e6 * second["cpu"]["proxy"] * second["seconds"] / records,
+        # Not during the export: the bare consumer ran alone.
+        "cpu_bare_consumer": best["cpu_seconds"] / best["seconds"],
+        "bare_us_per_record": 1e6 * best["cpu_seconds"] / max(best["records"], 1),
         "passed": scan_rate / ceiling >= TARGET_RATIO and growth <= TARGET_RSS_GROWTH,
     }
 
@@ -111,7 +114,8 @@ def report(result: dict) -> None:
     print(f"  {result['records']:,} records: {result['rows']:,} rows in {result['seconds']:.1f} s = "
           f"{result['scan_per_s']:,.0f} records/s; peak RSS {result['peak_large_mib']:.0f} MiB "
           f"({result['rss_growth']:.2f} x the small export's, target <= {TARGET_RSS_GROWTH:.2f})")
-    print(f"  ceiling (bare consumer + ujson.loads): {result['ceiling_per_s']:,.0f} records/s; "
+    print(f"  ceiling (bare consumer + ujson.loads): {result['ceiling_per_s']:,.0f} records/s at "
+          f"{result['cpu_bare_consumer']:.0%} CPU, {result['bare_us_per_record']:.1f} us per record; "
           f"proxy CPU {result['proxy_us_per_record']:.1f} us per scanned record")
     print(f"  CPU during the export: {format_cpu(result['cpu'])}")
     print(f"  ratio: {result['ratio']:.2f} x ceiling (target >= {TARGET_RATIO}) -> "

@@ -165,7 +165,7 @@ def describe(result: dict) -> str:
     timing = (f"p50 {latency['p50']:.0f} / p99 {latency['p99']:.0f} / max {latency['max']:.0f} ms"
               if latency.get("count") else "nothing timed")
     closed = f"closed {result['closed']} {result['close_codes']}" if result["closed"] else "closed 0"
-    return (f"{timing}; loss {result['loss']:.1%}, {closed}, "
+    return (f"{timing}; lost {result['loss']:.1%} (not there {TAIL_SECONDS} s after the end), {closed}, "
             f"RSS peak {result['proxy_peak_rss_mb']:.0f} MB, {result['messages_per_frame']:.0f} msgs/frame")
 
 
