@@ -74,8 +74,8 @@ def run_step(clients: int, rate: float, partitions: int = 4, warmup: float = 1.5
         try:
             proxy.start()
             split = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
-            loads = [LoadClients(proxy.port, count, sample=min(SAMPLED_PER_PROCESS, count)).start()
-                     for count in split if count]
+            loads = [LoadClients(proxy.port, count, sample=min(SAMPLED_PER_PROCESS, count), histories=len(topics))
+                     .start() for count in split if count]
             producer = ProducerProcess(broker.bootstrap_servers, TOPIC, rate * WARMUP_STEPS[0], shape="buyOffer",
                                        duration=warmup + duration + 60).start()
             for step in WARMUP_STEPS:

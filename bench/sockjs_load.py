@@ -48,9 +48,9 @@ KEEP = len(MESSAGE) - 1  # bytes kept from the previous read, for a pattern cut 
 TIMESTAMP = re.compile(rb'\\"timestamp\\":(\d+),')
 TIMESTAMP_PREFIX = b'\\"timestamp\\":'
 CLOSE_FRAME = re.compile(rb'\nc\[(\d+)')
-# A SockJS close frame inside a websocket frame: c[<code>,"<reason>"]. Nothing else in the stream
-# looks like it: message content is a quoted JSON string, where a quote would be escaped.
-WEBSOCKET_CLOSE = re.compile(rb'c\[(\d+),"')
+# A SockJS close frame: c[<code>,"<reason>"], its own websocket frame; enough of its start to read the code.
+CLOSE_START = re.compile(rb'c\[(\d+)')
+CLOSE_PREFIX = 12
 RECV_BYTES = 1 << 18
 GO_TIMEOUT = 60.0
 
@@ -95,11 +95,22 @@ class Session:
         raise NotImplementedError
 
     def count(self, payload: bytes) -> None:
-        """Count SockJS messages in payload bytes (free of transport framing); sample timestamps."""
-        joined = self.tail + payload
-        self.messages += joined.count(MESSAGE)
-        self.histories += joined.count(HISTORY)
-        self.tail = joined[-KEEP:]
+        """Count SockJS messages in payload bytes (free of transport framing); sample timestamps.
+
+        Patterns cut by a read boundary are found in the tail of the last read plus the start of
+        this one, without copying the whole read. Histories are counted until they are complete.
+        """
+        tail = self.tail
+        counting_histories = self.history_done is None
+        if tail:
+            edge = tail + payload[:KEEP]
+            self.messages += edge.count(MESSAGE)
+            if counting_histories:
+                self.histories += edge.count(HISTORY)
+        self.messages += payload.count(MESSAGE)
+        if counting_histories:
+            self.histories += payload.count(HISTORY)
+        self.tail = payload[-KEEP:] if len(payload) >= KEEP else (tail + payload)[-KEEP:]
         if self.sampled:
             text = self.carry + payload
             last = text.rfind(TIMESTAMP_PREFIX)
@@ -125,7 +136,8 @@ class WebSocketSession(Session):
         self.head = b""
         self.remaining = 0  # payload bytes of the current frame still to come
         self.header = b""  # a frame header cut by a recv boundary
-        self.close_tail = b""  # the end of the previous read, for a close frame cut by a recv boundary
+        self.frame_start: bytes | None = None  # the first bytes of a frame's payload cut by a recv boundary
+        self.frame_start_needed = 0
 
     def request(self) -> bytes:
         key = base64.b64encode(os.urandom(16)).decode()
@@ -148,11 +160,6 @@ class WebSocketSession(Session):
         self.bytes += len(data)
         self.count(data)
         self._walk_frames(data)
-        close = WEBSOCKET_CLOSE.search(self.close_tail + data)
-        if close:
-            self.closed = True
-            self.close_code = int(close.group(1))
-        self.close_tail = data[-16:]
         # Complete once the frame that carried the last history message has fully arrived.
         if (self.expected_histories and self.history_done is None and self.histories >= self.expected_histories
                 and self.remaining == 0 and not self.header):
@@ -160,7 +167,9 @@ class WebSocketSession(Session):
         return not self.closed
 
     def _walk_frames(self, data: bytes) -> None:
-        """Skip payloads, count frames; notice a websocket close frame."""
+        """Skip payloads, count frames; notice websocket and SockJS close frames."""
+        if self.frame_start is not None:
+            self._frame_started(self.frame_start + data[:self.frame_start_needed - len(self.frame_start)])
         if self.header:
             data, self.header = self.header + data, b""
         end, position, remaining = len(data), 0, self.remaining
@@ -182,10 +191,24 @@ class WebSocketSession(Session):
             position += size
             if opcode == 8:
                 self.closed = True
+            elif length:
+                self.frame_start_needed = min(length, CLOSE_PREFIX)
+                self._frame_started(data[position:position + self.frame_start_needed])
             remaining = length
         else:
             remaining -= end - position
         self.remaining = remaining
+
+    def _frame_started(self, start: bytes) -> None:
+        """Read a frame's first bytes (once enough of them came): a SockJS close frame ends the session."""
+        if len(start) < self.frame_start_needed:
+            self.frame_start = start
+            return
+        self.frame_start = None
+        close = CLOSE_START.match(start)
+        if close:
+            self.closed = True
+            self.close_code = int(close.group(1))
 
 
 class HttpSession(Session):
