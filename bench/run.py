@@ -175,7 +175,7 @@ def print_table(rows: list[Row]) -> None:
 def git_state() -> dict[str, typing.Any]:
     def git(*args: str) -> str:
         completed = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return completed.stdout.strip() if completed.returncode == 0 else ""
+        return completed.stdout.rstrip("\n") if completed.returncode == 0 else ""
 
     return {"commit": git("rev-parse", "HEAD"), "dirty_files": git("status", "--porcelain", "--", "proxy").splitlines()}
 
