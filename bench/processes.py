@@ -193,6 +193,7 @@ class LoadClients(LineProcess):
     def __init__(self, port: int, clients: int, sample: int = 0, prefix: str = "/live", transport: str = "websocket",
                  connect_rate: float = 0.0, histories: int = 0, wait_for_go: bool = False):
         self.clients = clients
+        self.transport = transport
         self.args = [sys.executable, os.path.join(BENCH, "sockjs_load.py"), "--port", str(port),
                      "--clients", str(clients), "--sample", str(sample), "--prefix", prefix,
                      "--transport", transport, "--connect-rate", str(connect_rate), "--histories", str(histories)]

@@ -205,6 +205,12 @@ def run_soak(proxy: typing.Any, bootstrap: str, plan: SoakPlan, topic_suffix: st
     health.stop()
     problems = log_problems(proxy.log().splitlines())
     per_session = [count for answer in final for count in answer["per_client"]]
+    by_transport: dict[str, dict[str, int]] = {}
+    for load, answer in zip(loads, final):
+        figures = by_transport.setdefault(load.transport, {"sessions": 0, "complete": 0, "closed": 0})
+        figures["sessions"] += load.clients
+        figures["complete"] += sum(count == produced["produced"] for count in answer["per_client"])
+        figures["closed"] += answer["closed"]
     live = [answer for answer in latencies if answer.get("count")]
     return {
         "plan": dataclasses.asdict(plan), "sessions": plan.sessions, "held": held,
@@ -214,7 +220,7 @@ def run_soak(proxy: typing.Any, bootstrap: str, plan: SoakPlan, topic_suffix: st
         "delivered": sum(per_session), "expected": plan.sessions * produced["produced"],
         "sessions_complete": sum(count == produced["produced"] for count in per_session),
         "sessions_short": sorted(count for count in per_session if count != produced["produced"])[:10],
-        "closed": sum(answer["closed"] for answer in final),
+        "closed": sum(answer["closed"] for answer in final), "by_transport": by_transport,
         "close_codes": sorted({code for answer in final for code in answer["close_codes"]}),
         "errors": sum(answer["errors"] for answer in final),
         "reconnects": sum(answer["reconnects"] for answer in final),
@@ -255,6 +261,9 @@ def report(result: dict) -> None:
           f"{result['sessions_complete']} of {result['sessions']} sessions got every message "
           f"(short ones: {result['sessions_short']}); closed {result['closed']} {result['close_codes'] or ''}; "
           f"client-side errors {result['errors']}; HTTP re-polls {result['reconnects']:,}")
+    transports = result["by_transport"].items()
+    print("  by transport: " + "; ".join(f"{name} {figures['complete']}/{figures['sessions']} complete, "
+                                         f"{figures['closed']} closed" for name, figures in transports))
     latency = result["live_latency_ms"]
     if latency["count"]:
         print(f"  live latency (sampled sessions, worst process): p50 {latency['p50']:.0f} ms, "
