@@ -17,6 +17,7 @@ which logs a traceback and calls it again at once as long as the backlog is not 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
 import http
@@ -52,6 +53,8 @@ ACCEPT_BATCH = 128
 IDLE_GRACE = 1.0
 # How long accepting pauses when descriptors ran out and no idle connection could be closed.
 ACCEPT_BACKOFF = 0.2
+# At shutdown, how long close_all_connections() waits for request handlers to notice.
+CLOSE_TIMEOUT = 2.0
 # At most one line per this many seconds for each kind of refusal.
 LOG_INTERVAL = 10.0
 # After a 413, how long the rest of a refused body is read and thrown away: a client that sends
@@ -193,6 +196,7 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
         super().initialize(request_callback, max_body_size=ceiling, **kwargs)
         self.max_connections = max_connections
         self.open_connections = 0
+        self._streams: set[TrackedIOStream] = set()
         # Connections waiting for a request's headers, the longest-waiting first: since when.
         self._idle: collections.OrderedDict[tornado.iostream.IOStream, float] = collections.OrderedDict()
         self._refused_log = ThrottledLog(log)
@@ -209,6 +213,24 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
             # TCPServer.stop() calls this to stop accepting before it closes the socket.
             self._handlers[sock.fileno()] = accept_loop.stop
             accept_loop.start()
+
+    async def close_all_connections(self) -> None:
+        """Close every connection (websockets too), then wait a little for the request loops.
+
+        Tornado's version closes HTTP connections one by one and waits for each forever: one
+        request whose handler never finishes (sockjs-tornado's do not, when a request fails
+        before their prepare()) would hold the shutdown until systemd kills the process.
+        """
+        for stream in list(self._streams):
+            stream.close()
+        # Not wait_for(super().close_all_connections()): a request loop that swallows the
+        # cancellation would let it go on to wait for the next connection, and wait_for with it.
+        closing = [asyncio.ensure_future(connection.close()) for connection in list(self._connections)]
+        if closing:
+            _, pending = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT)
+            if pending:
+                log.warning("%d connection(s) did not finish within %.0f s of being closed; stopping anyway",
+                            len(pending), CLOSE_TIMEOUT)
 
     def body_limit(self, path: str) -> int:
         """The largest request body the route of path accepts, in bytes."""
@@ -268,12 +290,14 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
             log.exception("cannot serve a new connection")
             return
         self.open_connections += 1
+        self._streams.add(stream)
         metrics.OPEN_CONNECTIONS.inc()
         self._idle[stream] = time.monotonic()
         self.handle_stream(stream, address)
 
     def _closed(self, stream: TrackedIOStream) -> None:
         self.open_connections -= 1
+        self._streams.discard(stream)
         metrics.OPEN_CONNECTIONS.dec()
         self._idle.pop(stream, None)
 

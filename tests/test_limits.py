@@ -3,6 +3,7 @@ connections with slow or idle headers, or make it buffer large bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,10 +15,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+import tornado.netutil
+import tornado.web
 import websocket
 import yaml
 
 from proxy.config import ConfigError, parse_config
+from proxy.listener import CLOSE_TIMEOUT, ProxyHTTPServer
 from proxy.testing import ProxyProcess, SockJSClient, unique_topics, wait_until
 
 # Runs the proxy with a descriptor limit of the test's choosing, as `ulimit -n` in a unit would.
@@ -383,6 +387,43 @@ def test_oversized_websocket_message_closes_the_websocket_with_1009(limited_prox
             raise AssertionError("the websocket stayed open")
     finally:
         ws.close()
+
+
+# ---- shutdown ---------------------------------------------------------------------------------
+
+
+@tornado.web.stream_request_body
+class StuckBeforeTheBody(tornado.web.RequestHandler):
+    """A request that never finishes, and that closing its connection does not end either."""
+
+    entered: asyncio.Event
+
+    async def prepare(self) -> None:
+        self.entered.set()
+        await asyncio.Event().wait()
+
+
+def test_closing_all_connections_is_not_held_by_a_request_that_never_finishes():
+    async def close_with_a_stuck_request() -> float:
+        server = ProxyHTTPServer(tornado.web.Application([(r"/", StuckBeforeTheBody)]),
+                                 max_connections=10, max_body_size=1024)
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        server.add_sockets(sockets)
+        StuckBeforeTheBody.entered = asyncio.Event()
+        _, writer = await asyncio.open_connection("127.0.0.1", sockets[0].getsockname()[1])
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(StuckBeforeTheBody.entered.wait(), 5)
+        server.stop()
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(server.close_all_connections(), 10)
+        except asyncio.TimeoutError:
+            pass
+        writer.close()
+        return time.monotonic() - start
+
+    assert asyncio.run(close_with_a_stuck_request()) < CLOSE_TIMEOUT + 1
 
 
 # ---- configuration ----------------------------------------------------------------------------
