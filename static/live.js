@@ -14,13 +14,17 @@ const CLOSE_REASONS = {3000: "server restarting", 3008: "too slow, messages were
  * token was refused; no retry until it changes).
  */
 export class LiveClient {
-  constructor({onMessage, onState, url = "live", healthUrl = "health"}) {
+  /**
+   * onData(message): a history or live message, as received (JSON text) or decoded, for the
+   * page to decode and apply when it has time; onMessage(message): any other message, decoded.
+   */
+  constructor({onData, onMessage, onState, url = "live", healthUrl = "health"}) {
+    this.onData = onData;
     this.onMessage = onMessage;
     this.onState = onState;
     this.url = url;
     this.healthUrl = healthUrl;
     this.token = "";
-    this.topics = null;        // null: every topic; else the ticked ones
     this.sock = null;
     this.attempt = 0;
     this.timer = null;
@@ -53,15 +57,9 @@ export class LiveClient {
     }
   }
 
-  /** Receive only these topics from now on (each sends its history again); all: they are every topic. */
-  subscribe(topics, all = false) {
-    this.topics = all ? null : [...topics];
+  /** Receive only these topics from now on (the server sends each one's history again). */
+  subscribe(topics) {
     if (this.state === "open") this.send({type: "subscribe", topics: [...topics]});
-  }
-
-  /** After (re)connecting: a new session gets every topic unless told otherwise. */
-  sendSubscription() {
-    if (this.topics !== null) this.send({type: "subscribe", topics: this.topics});
   }
 
   send(message) {
@@ -126,10 +124,14 @@ export class LiveClient {
   opened() {
     this.attempt = 0;
     this.setState("open");
-    this.sendSubscription();
   }
 
   received(data) {
+    // The proxy writes data messages with "type" first: they go undecoded to the page's queue.
+    if (data.startsWith('{"type":"message"') || data.startsWith('{"type":"history"')) {
+      this.onData(data);
+      return;
+    }
     let message;
     try {
       message = JSON.parse(data);
@@ -139,6 +141,10 @@ export class LiveClient {
     if (message.type === "auth") {
       this.role = {role: message.role, merchant_id: message.merchant_id};
       this.opened();
+      return;
+    }
+    if (message.type === "history" || message.type === "message") {
+      this.onData(message);
       return;
     }
     if (message.type === "error") {

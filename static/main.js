@@ -8,7 +8,7 @@ import {MAX_POINTS, MetricModel, PricingModel, TopicState} from "./model.js";
 import {TopicViews} from "./tables.js";
 import {escapeHtml, formatNumber, merchantColour, shortId} from "./util.js";
 
-const TABLE_INTERVAL_MS = 500;   // tables are for reading: two updates a second is plenty
+const TABLE_INTERVAL_MS = 1000;  // tables are for reading: one update a second is plenty
 const $ = (selector) => document.querySelector(selector);
 
 const topics = new Map();         // name → TopicState, in the server's order
@@ -30,31 +30,39 @@ const metricCharts = new Map([
 
 const pricingChart = new TimeChart($("#chart-pricing"), {format: money, height: 355});
 let pricingShown = -1;
+const NO_POINTS = {xs: [], ys: []};
 for (const entry of metricCharts.values()) {
   entry.chart = new TimeChart($(entry.el), {format: entry.format, height: 200});
   entry.shown = -1;
 }
 
+function pricingKey() {
+  const product = selectedProduct === null ? undefined : pricing.products.get(selectedProduct);
+  return `${pricing.version}/${selectedProduct}/${product ? product.version : 0}/${pricing.products.size}`;
+}
+
+function pricingPending() {
+  return pricingRebuild || pricingKey() !== pricingShown;
+}
+
 function renderPricing() {
   updateProductPicker();
-  const product = selectedProduct === null ? undefined : pricing.products.get(selectedProduct);
-  const key = `${pricing.version}/${selectedProduct}/${product ? product.version : 0}`;
+  const key = pricingKey();
   if (key === pricingShown) return;
   pricingShown = key;
+  const product = selectedProduct === null ? undefined : pricing.products.get(selectedProduct);
+  // A price and a sales series for every merchant of any product: the chart keeps its series
+  // (and is not rebuilt) when a merchant's first sale comes in, or another product is picked.
   const specs = [], series = [];
   if (product !== undefined) {
-    const merchants = [...new Set([...product.prices.keys(), ...product.sales.keys()])].sort();
-    for (const merchant of merchants) {
+    const merchants = new Set();
+    for (const p of pricing.products.values()) for (const m of [...p.prices.keys(), ...p.sales.keys()]) merchants.add(m);
+    for (const merchant of [...merchants].sort()) {
       const colour = merchantColour(merchant);
-      const prices = product.prices.get(merchant), sales = product.sales.get(merchant);
-      if (prices) {
-        specs.push({key: `price:${merchant}`, label: `${shortId(merchant)} price`, stroke: colour, kind: "step"});
-        series.push(prices);
-      }
-      if (sales) {
-        specs.push({key: `sale:${merchant}`, label: `${shortId(merchant)} sale`, stroke: colour, kind: "points"});
-        series.push(sales);
-      }
+      specs.push({key: `price:${merchant}`, label: `${shortId(merchant)} price`, stroke: colour, kind: "step"});
+      series.push(product.prices.get(merchant) || NO_POINTS);
+      specs.push({key: `sale:${merchant}`, label: `${shortId(merchant)} sale`, stroke: colour, kind: "points"});
+      series.push(product.sales.get(merchant) || NO_POINTS);
     }
   }
   pricingChart.update(specs, alignSeries(series));
@@ -120,11 +128,21 @@ function topic(name) {
   return state;
 }
 
+// The topics this session has had a history of: what the server shows this viewer (a merchant
+// may see fewer than GET /topics lists). A subscription names only those.
+const sessionTopics = new Set();
+let resubscribing = false;
+
 function toggleTopic(name, enabled) {
   topic(name).setEnabled(enabled);
-  const ticked = [...topics.values()].filter((t) => t.enabled).map((t) => t.name);
-  live.subscribe(ticked, ticked.length === topics.size);
+  subscribe();
   renderSoon();
+}
+
+function subscribe() {
+  resubscribing = false;
+  const ticked = [...topics.values()].filter((t) => t.enabled && sessionTopics.has(t.name)).map((t) => t.name);
+  if (sessionTopics.size > 0) live.subscribe(ticked);
 }
 
 // ---- messages -----------------------------------------------------------------------------
@@ -132,7 +150,12 @@ function toggleTopic(name, enabled) {
 function received(message) {
   if (message.type === "history") {
     const state = topic(message.topic);
-    if (!state.enabled) return;
+    sessionTopics.add(message.topic);
+    if (!state.enabled) {
+      // A new session sends every topic: tell it again which ones are ticked (once).
+      resubscribing = true;  // once its histories are all in (see drainInbox)
+      return;
+    }
     const envelopes = Array.isArray(message.messages) ? message.messages : [];
     state.history(envelopes);
     if (pricingRaw.has(message.topic)) {
@@ -166,6 +189,51 @@ function received(message) {
   schedule();
 }
 
+// Messages wait in a queue and are decoded and applied in short tasks (at most INBOX_BUDGET_MS
+// each), so a burst of thousands never holds the main thread for long.
+const INBOX_BUDGET_MS = 6;
+const inbox = [];
+let inboxHead = 0;
+let draining = false;
+const inboxChannel = new MessageChannel();
+inboxChannel.port1.onmessage = drainInbox;
+
+function enqueue(item) {
+  inbox.push(item);
+  if (!draining) {
+    draining = true;
+    inboxChannel.port2.postMessage(0);
+  }
+}
+
+function drainInbox() {
+  const deadline = performance.now() + INBOX_BUDGET_MS;
+  while (inboxHead < inbox.length) {
+    const item = inbox[inboxHead++];
+    let message = item;
+    if (typeof item === "string") {
+      try {
+        message = JSON.parse(item);
+      } catch (error) {
+        continue;
+      }
+    }
+    received(message);
+    if (performance.now() >= deadline) break;
+  }
+  if (inboxHead < inbox.length) {
+    if (inboxHead > 4096) {
+      inbox.splice(0, inboxHead);
+      inboxHead = 0;
+    }
+    inboxChannel.port2.postMessage(0);  // the rest in the next task
+  } else {
+    inbox.length = inboxHead = 0;
+    draining = false;
+    if (resubscribing) subscribe();
+  }
+}
+
 function rebuildPricing() {
   pricing.reset();
   const all = [];
@@ -187,20 +255,32 @@ function showServerError(error) {
 // ---- rendering: batched into animation frames, a little at a time ------------------------
 
 // However fast messages come, the page redraws at a human pace, always inside an animation
-// frame, and spreads the work: each frame runs at most one job (a chart, or two tables), so no
-// frame is long even when the machine is busy. A job runs when it has something new and its
-// interval has passed.
+// frame, and spreads the work: each frame runs at most one job that draws (a chart, the
+// counters or a table), so no frame is long. A job runs when it has something new and its
+// interval has passed; a job that turns out slow (a busy machine) waits longer, up to ten times
+// its own cost, so that no job takes more than a tenth of the main thread. Its cost is the time
+// until the next frame starts: the drawing in script, and the style, layout and raster it causes.
+const BUDGET = 10;
+const FRAME_MS = 1000 / 60;
 const jobs = [
-  {name: "pricing", interval: 250, run: () => { if (pricingRebuild) rebuildPricing(); renderPricing(); }},
-  ...[...metricCharts].map(([name, entry]) => ({name, interval: 250, run: () => renderMetric(entry)})),
+  {name: "pricing", interval: 250, pending: pricingPending, run: () => { if (pricingRebuild) rebuildPricing(); renderPricing(); }},
+  ...[...metricCharts].map(([name, entry]) => ({name, interval: 250, pending: () => entry.shown !== entry.model.version,
+                                                run: () => renderMetric(entry)})),
   {name: "legend", interval: 500, run: renderLegend},
-  {name: "counters", interval: 250, run: () => { for (const state of topics.values()) views.renderCounters(state); }},
-  {name: "tables", interval: TABLE_INTERVAL_MS, run: () => views.renderTables(topics.values(), 2)},
-].map((job) => ({...job, dirty: false, last: -Infinity}));
+  {name: "counters", interval: 250, run: () => {
+    // A topic the server sent no history of in this session is not visible to this viewer.
+    const known = live.state === "open" && sessionTopics.size > 0;
+    for (const state of topics.values()) views.renderCounters(state, !known || sessionTopics.has(state.name));
+  }},
+  {name: "tables", interval: TABLE_INTERVAL_MS, run: () => views.renderTables(topics.values(), 1)},
+].map((job) => ({pending: () => true, ...job, dirty: false, last: -Infinity, cost: 0}));
 let frameRequested = false;
 let timer = null;
 let next = 0;              // round robin over the jobs
 let renders = 0;
+let measuring = null;      // {job, started}: the job run in the previous frame
+
+const intervalOf = (job) => Math.max(job.interval, Math.min(job.cost * BUDGET, 3 * job.interval));
 
 /** New data: every job may have something to show. */
 function schedule() {
@@ -217,21 +297,32 @@ function requestRender() {
 function render(now) {
   frameRequested = false;
   renders++;
+  if (measuring !== null) {
+    const {job, started} = measuring;
+    measuring = null;
+    job.cost = 0.7 * job.cost + 0.3 * Math.max(0, performance.now() - started - FRAME_MS);
+  }
   for (let i = 0; i < jobs.length; i++) {
     const job = jobs[(next + i) % jobs.length];
-    if (job.dirty && now - job.last >= job.interval) {
-      job.dirty = false;
-      job.last = now;
-      if (job.run() === false) {  // more left (tables): go on in the next frame
-        job.dirty = true;
-        job.last = -Infinity;
-      }
-      next = (next + i + 1) % jobs.length;
-      break;
+    if (!job.dirty || now - job.last < intervalOf(job)) continue;
+    job.dirty = false;
+    if (!job.pending()) continue;  // nothing new for it after all: try the next one
+    job.last = now;
+    const started = performance.now();
+    if (job.run() === false) {  // more left (tables): go on in the next frame
+      job.dirty = true;
+      job.last = -Infinity;
     }
+    measuring = {job, started};
+    next = (next + i + 1) % jobs.length;
+    break;
+  }
+  if (measuring !== null) {  // the next frame tells what this one cost
+    requestRender();
+    return;
   }
   let wait = Infinity;
-  for (const job of jobs) if (job.dirty) wait = Math.min(wait, Math.max(0, job.interval - (now - job.last)));
+  for (const job of jobs) if (job.dirty) wait = Math.min(wait, Math.max(0, intervalOf(job) - (now - job.last)));
   if (wait === 0) requestRender();
   else if (wait !== Infinity) timer = setTimeout(() => { timer = null; requestRender(); }, wait);
 }
@@ -253,6 +344,7 @@ setInterval(() => {
 // ---- connection state ---------------------------------------------------------------------
 
 function showState(client) {
+  if (client.state !== "open") sessionTopics.clear();  // the next session says again what it shows
   const el = $("#state");
   let text;
   switch (client.state) {
@@ -282,7 +374,7 @@ function showState(client) {
   document.body.dataset.liveAccess = client.access;
 }
 
-const live = new LiveClient({onMessage: received, onState: showState});
+const live = new LiveClient({onData: enqueue, onMessage: received, onState: showState});
 
 // ---- token and export ---------------------------------------------------------------------
 

@@ -113,6 +113,7 @@ export class TopicViews {
         const view = this.views.get(entry.target.dataset.topic);
         if (view === undefined) continue;
         view.visible = entry.isIntersecting;
+        if (view.visible) view.counted = -1;  // its counters were left alone while off screen
         shown = shown || entry.isIntersecting;
       }
       if (shown) onVisible();
@@ -145,7 +146,7 @@ export class TopicViews {
     this.cards.appendChild(card);
     view = {
       row, checkbox, card, table: card.querySelector(".table-wrap"), visible: false,
-      counted: -1, tabled: undefined, rowsSeen: -1,
+      counted: -1, tabled: undefined, rowsSeen: -1, available: true,
       rowCount: row.querySelector(".count"), rowRate: row.querySelector(".rate"),
       cardCount: card.querySelector(".count"), cardRate: card.querySelector(".rate"),
     };
@@ -154,15 +155,24 @@ export class TopicViews {
     return view;
   }
 
-  renderCounters(topic) {
+  renderCounters(topic, available = true) {
     const view = this.ensure(topic);
+    if (view.available !== available) {
+      view.available = available;
+      view.row.classList.toggle("unavailable", !available);
+      view.card.classList.toggle("unavailable", !available);
+      view.row.title = available ? topic.name : `${topic.name}: not visible to this viewer`;
+    }
     if (view.counted === topic.version) return;
     view.counted = topic.version;
     const count = topic.count.toLocaleString();
     const rate = formatRate(topic.rate);
-    view.rowCount.textContent = view.cardCount.textContent = count;
+    view.rowCount.textContent = count;
     view.rowRate.textContent = `${rate}/s`;
-    view.cardRate.textContent = rate;
+    if (view.visible) {
+      view.cardCount.textContent = count;
+      view.cardRate.textContent = rate;
+    }
     view.card.dataset.count = view.row.dataset.count = String(topic.count);
     // The card's size follows its records even before its table is drawn (it is drawn only
     // when on screen), so the page does not jump while scrolling.
