@@ -126,17 +126,7 @@ def test_live_proxy_keeps_to_the_document_under_generated_requests(broker, start
     schema_path = tmp_path / "openapi.yaml"
     schema_path.write_text(yaml.safe_dump(document, sort_keys=False))
 
-    # Two sockjs-tornado defects that are not this document's: LiveXhrSendHandler answers a JSON
-    # body that is not an array (`12414`) with 500, and the SockJS greeting/info/iframe handlers
-    # never answer (and log a traceback) when a request fails before their prepare(), e.g. a GET
-    # with `Content-Type: multipart/form-data`. Until they are fixed, those operations get the
-    # valid requests only (fuzzing, positive mode); everything else gets every phase and mode.
-    sockjs_defects = ["sockjsXhrSend", "sockjsGreeting", "sockjsInfo", "sockjsIframe"]
-    full = schemathesis(schema_path, proxy.base, "--phases", "examples,coverage,fuzzing",
-                        *[arg for op in sockjs_defects for arg in ("--exclude-operation-id", op)])
-    valid_only = schemathesis(schema_path, proxy.base, "--phases", "examples,fuzzing", "--mode", "positive",
-                              *[arg for op in sockjs_defects for arg in ("--include-operation-id", op)])
+    full = schemathesis(schema_path, proxy.base, "--phases", "examples,coverage,fuzzing")
 
     assert full.returncode == 0, full.stdout[-6000:] + full.stderr[-2000:]
-    assert valid_only.returncode == 0, valid_only.stdout[-6000:] + valid_only.stderr[-2000:]
     assert "Traceback" not in proxy.log()

@@ -27,3 +27,8 @@ def test_a_live_message_is_the_envelope_inside_a_message_object():
     message = json.loads(json.loads(wire.live_message(wire.topic_json("t"), envelope)))
     assert message == {"type": "message", "topic": "t",
                        "message": {"topic": "t", "partition": 1, "offset": 2, "timestamp": 3, "value": {"k": "\u00e9"}}}
+
+
+@given(st.lists(st.text(), max_size=20))
+def test_a_batch_is_quoted_as_its_messages_one_by_one(payloads):
+    assert wire.sockjs_quote_many(payloads) == b",".join(wire.sockjs_quote_bytes(p) for p in payloads)

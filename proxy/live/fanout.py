@@ -314,7 +314,7 @@ class LiveHub:
         self.views = views
         if self.access.requires_token and views is None:
             raise ValueError("token access needs merchant views")
-        self._topic_json = {topic: wire.topic_json(topic) for topic in topics}
+        self._message_prefix = {topic: wire.message_prefix(topic) for topic in topics}
         self.loaded = False
         self._connections: set[LiveConnection] = set()
         self._dirty: set[LiveSession] = set()
@@ -407,8 +407,8 @@ class LiveHub:
         owners = self.views.index(batch) if self.views is not None else None
         if not self._connections or not self.loaded:
             return
-        topic_json = self._topic_json
-        frames = [(topic, wire.live_message(topic_json[topic], envelope)) for topic, _, envelope in batch]
+        prefix = self._message_prefix
+        texts = [(topic, prefix[topic] + envelope + "}") for topic, _, envelope in batch]
         # Sessions with the same view (merchant, subscription) share one joined, encoded chunk:
         # each record is filtered and encoded once per merchant, not once per session.
         chunks: dict[tuple[str | None, frozenset[str] | None], tuple[list[bytes], int]] = {}
@@ -420,10 +420,11 @@ class LiveHub:
             chunk = chunks.get(key)
             if chunk is None:
                 if merchant is None or self.views is None or owners is None:
-                    selected = [f for t, f in frames if topics is None or t in topics]
+                    selected = [text for t, text in texts if topics is None or t in topics]
                 else:
-                    selected = self.views.select(merchant, frames, owners, topics)
-                chunk = chunks[key] = ([b",".join(selected)] if selected else [], len(selected))
+                    selected = self.views.select(merchant, texts, owners, topics)
+                # Quoted for SockJS once per distinct view, in one call for the whole batch.
+                chunk = chunks[key] = ([wire.sockjs_quote_many(selected)] if selected else [], len(selected))
             if chunk[1]:
                 conn.session.enqueue(chunk[0])
                 delivered += chunk[1]

@@ -73,11 +73,11 @@ class MerchantViews:
             self._frames[topic].clear()
         return owners
 
-    def select(self, merchant_id: str, frames: list[tuple[str, bytes]], owners: list[typing.Any],
-               topics: frozenset[str] | None) -> list[bytes]:
-        """The encoded live messages of a batch the merchant may see (of its subscribed topics)."""
+    def select(self, merchant_id: str, texts: list[tuple[str, str]], owners: list[typing.Any],
+               topics: frozenset[str] | None) -> list[str]:
+        """The live messages of a batch the merchant may see (of its subscribed topics)."""
         visible = self.policy.is_visible_owner
-        return [frame for (topic, frame), owner in zip(frames, owners)
+        return [text for (topic, text), owner in zip(texts, owners)
                 if (topics is None or topic in topics) and visible(topic, owner, merchant_id)]
 
     def history_frame(self, topic: str, merchant_id: str) -> tuple[int, bytes]:

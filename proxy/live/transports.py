@@ -20,7 +20,7 @@ import typing
 import tornado.iostream
 import tornado.websocket
 import ujson
-from sockjs.tornado import proto, transports
+from sockjs.tornado import proto, static, transports
 from sockjs.tornado.util import bytes_to_str
 
 log = logging.getLogger("proxy.live")
@@ -33,6 +33,9 @@ class _Droppable:
     """What every live transport adds: connection_lost() and drop()."""
 
     session: typing.Any
+    # sockjs-tornado's finish() reads it, but only prepare() sets it: a request that fails before
+    # (a malformed body, say) raised AttributeError and was never answered.
+    logged = False
 
     def connection_lost(self) -> bool:
         raise NotImplementedError
@@ -170,6 +173,8 @@ class LiveXhrPollingTransport(_HttpTransport, transports.XhrPollingTransport):
 class LiveXhrSendHandler(transports.XhrSendHandler):
     """Messages from xhr-based clients: malformed or oversized bodies get a JSON 4xx."""
 
+    logged = False  # see _Droppable
+
     def post(self, session_id: str) -> None:
         limit = self.server.settings.get("max_message_bytes")
         if limit is not None and len(self.request.body) > limit:
@@ -177,9 +182,11 @@ class LiveXhrSendHandler(transports.XhrSendHandler):
         if not self.request.body:
             return self._refuse(400, "payload expected")
         try:
-            ujson.loads(self.request.body)
+            messages = ujson.loads(self.request.body)
         except ValueError:
             return self._refuse(400, "broken JSON encoding")
+        if not isinstance(messages, list):
+            return self._refuse(400, "expected a JSON array of messages")
         super().post(session_id)
 
     def _refuse(self, status: int, error: str) -> None:
@@ -191,8 +198,36 @@ class LiveXhrSendHandler(transports.XhrSendHandler):
         self.write(ujson.dumps({"error": error}))
 
 
+class LiveGreetingsHandler(static.GreetingsHandler):
+    """GET /live: the SockJS greeting."""
+
+    logged = False  # see _Droppable
+
+
+class LiveInfoHandler(static.InfoHandler):
+    """GET /live/info: what the SockJS server offers."""
+
+    logged = False  # see _Droppable
+
+
+class LiveIFrameHandler(static.IFrameHandler):
+    """GET /live/iframe.html: the iframe page of SockJS's cross-domain transports."""
+
+    logged = False  # see _Droppable
+
+
+class LiveChunkingTestHandler(static.ChunkingTestHandler):
+    """POST /live/chunking_test: SockJS's streaming probe."""
+
+    logged = False  # see _Droppable
+
+
 # sockjs-tornado's handler classes → ours, applied to the router's URL list.
 REPLACEMENTS: dict[type, type] = {
+    static.GreetingsHandler: LiveGreetingsHandler,
+    static.InfoHandler: LiveInfoHandler,
+    static.IFrameHandler: LiveIFrameHandler,
+    static.ChunkingTestHandler: LiveChunkingTestHandler,
     transports.WebSocketTransport: LiveWebSocketTransport,
     transports.XhrStreamingTransport: LiveXhrStreamingTransport,
     transports.EventSourceTransport: LiveEventSourceTransport,

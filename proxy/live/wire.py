@@ -54,6 +54,18 @@ def history_message(topic_literal: str, envelopes: typing.Iterable[str]) -> byte
     return sockjs_quote_bytes(payload)
 
 
+def sockjs_quote_many(payloads: list[str]) -> bytes:
+    """sockjs_quote_bytes() of each payload, comma-joined: one C call for a batch of ASCII ones."""
+    if all(map(str.isascii, payloads)):
+        return orjson.dumps(payloads)[1:-1]
+    return b",".join(map(sockjs_quote_bytes, payloads))
+
+
+def message_prefix(topic: str) -> str:
+    """The start of every {"type": "message", ...} text of a topic; the envelope and "}" follow."""
+    return '{"type":"message","topic":%s,"message":' % topic_json(topic)
+
+
 def live_message(topic_literal: str, envelope: str) -> bytes:
     """The SockJS-quoted {"type": "message", ...} message of one envelope."""
     return sockjs_quote_bytes('{"type":"message","topic":%s,"message":%s}' % (topic_literal, envelope))
