@@ -60,9 +60,12 @@ UNUSED_GROUP_ID = "kafka-reverse-proxy-unused"
 
 # Defaults for the consumer that feeds live screens. The config's kafka section overrides them.
 LIVE_CONSUMER_DEFAULTS = {
-    # Apache Kafka answers as soon as data is there, but some brokers (Tansu) always wait the
-    # full time: keep it short so a message reaches the screens within tens of milliseconds.
-    "fetch.wait.max.ms": "10",
+    # How long the broker may hold a fetch while a partition has no new data. Apache Kafka
+    # answers as soon as data is there (fetch.min.bytes=1), so this bounds only idle waits:
+    # librdkafka's 500 ms keeps an idle proxy cheap for the cluster. Brokers that always wait the
+    # full time (Tansu, the embedded test broker) need a short wait in their config instead;
+    # the demo, the tests and the benchmarks set it (see README, Performance).
+    "fetch.wait.max.ms": "500",
     "auto.offset.reset": "earliest",
     "socket.keepalive.enable": "true",
     "reconnect.backoff.max.ms": "5000",

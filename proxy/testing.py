@@ -6,9 +6,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing
 import urllib.error
@@ -22,6 +24,9 @@ from confluent_kafka import Producer
 from proxy.demo.broker import free_port, terminate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The embedded broker answers a fetch only when fetch.wait.max.ms has passed, even with data
+# waiting; Apache Kafka answers at once. Tests and demo use a short wait on it.
+TANSU_FETCH_WAIT_MS = 10
 
 
 def wait_until(predicate: typing.Callable[[], typing.Any], timeout: float = 10.0, interval: float = 0.05,
@@ -85,9 +90,12 @@ class ProxyProcess:
                  extra_args: typing.Sequence[str] = (), env: dict[str, str] | None = None):
         self.port = free_port()
         self.config_path = os.path.join(str(tmp_path), f"config-{self.port}.yaml")
+        # The test broker (Tansu) holds every fetch for the whole fetch.wait.max.ms: keep it short.
         settings = {"listen": {"address": "127.0.0.1", "port": self.port},
-                    "data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5}
+                    "data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5,
+                    "kafka": {"fetch.wait.max.ms": TANSU_FETCH_WAIT_MS}}
         settings.update(config)
+        settings["kafka"] = {"fetch.wait.max.ms": TANSU_FETCH_WAIT_MS, **config.get("kafka", {})}
         with open(self.config_path, "w") as handle:
             yaml.safe_dump(settings, handle)
         self.args = [sys.executable, "-m", "proxy", "--config", self.config_path, *extra_args]
@@ -195,7 +203,20 @@ class SockJSClient:
         assert self.response.status == 200, self.response.status
         prelude = self.response.readline()
         assert prelude.strip() in (b"h" * 2048, b""), prelude[:50]
-        self.http.sock.settimeout(1)
+        # A reader thread with blocking reads: a socket file that once timed out cannot be read
+        # again, so the 1-second waits happen on the queue instead.
+        self.http.sock.settimeout(None)
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        threading.Thread(target=self._read_lines, args=(self.response, self.lines), daemon=True).start()
+
+    @staticmethod
+    def _read_lines(response: typing.Any, lines: queue.Queue) -> None:
+        try:
+            while line := response.readline():
+                lines.put(line)
+        except Exception:  # noqa: BLE001 - closed under it by close(): whatever the read raises, it ends
+            pass
+        lines.put(None)
 
     def _frame(self) -> str:
         """The next SockJS frame, or "" if none came within a second."""
@@ -211,13 +232,13 @@ class SockJSClient:
         if self.transport == "xhr":
             return self._poll()
         try:
-            line = self.response.readline()
-        except TimeoutError:
+            line = self.lines.get(timeout=1)
+        except queue.Empty:
             return ""
         if not line:
             # The server ends a streaming response after its response limit: reconnect, as
             # SockJS clients do, to the same session.
-            self.http.close()
+            self.close()
             self._open_stream()
             return ""
         text = line.decode().rstrip("\r\n")
@@ -274,6 +295,9 @@ class SockJSClient:
             if self.transport == "websocket":
                 self.ws.close()
             elif self.http is not None:
+                # Wake the reader thread first: closing a file another thread reads blocks.
+                if self.http.sock is not None:
+                    self.http.sock.shutdown(socket.SHUT_RDWR)
                 self.http.close()
         except OSError:
             pass
