@@ -21,7 +21,7 @@ import websocket
 import yaml
 from confluent_kafka import Producer
 
-from proxy.demo.broker import free_port, terminate
+from proxy.demo.broker import die_with_parent, free_port, terminate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded broker answers a fetch only when fetch.wait.max.ms has passed, even with data
@@ -112,9 +112,10 @@ class ProxyProcess:
 
     def start(self, wait_healthy: bool = True) -> "ProxyProcess":
         log = open(self.log_path, "ab")
-        # Its own session: only the test that started it signals it; stop() always ends it.
+        # Its own session: only the test that started it signals it; stop() always ends it, and
+        # the kernel ends it if the test process dies first (a test run killed by a timeout).
         self.process = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         wait_until(self._answers, 20, message="the proxy to listen")
         if wait_healthy:

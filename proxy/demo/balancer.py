@@ -15,7 +15,7 @@ import subprocess
 import time
 import typing
 
-from proxy.demo.broker import _die_with_parent, free_port, terminate
+from proxy.demo.broker import die_with_parent, free_port, terminate
 
 EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "deploy", "nginx.conf.example")
@@ -100,7 +100,7 @@ class NginxBalancer:
         with open(os.path.join(self.workdir, "nginx.out"), "ab") as output:
             self.process = subprocess.Popen([binary, "-p", self.workdir, "-c", config, "-e", self.error_log],
                                             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         try:
             self._wait_listening(timeout)
         except BaseException:

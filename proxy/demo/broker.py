@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the parent dies, so no broker outlives us."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -101,7 +101,7 @@ class TansuBroker:
                 # Its own process group, so a Ctrl-C in the terminal reaches only our handler,
                 # which then stops the broker in order.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             if log is not subprocess.DEVNULL:
