@@ -41,7 +41,7 @@ REASONS = {
     "cannot_render": "a record the proxy could not turn into an envelope or CSV rows (the log says why)",
 }
 
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"
 _DIGITS = re.compile(r"[0-9]{1,9}")
 # orjson's wording for the refusals that have a reason of their own (anything else: invalid_json).
 _ORJSON_REASONS = (
@@ -77,7 +77,7 @@ def decode_value(raw: bytes | None, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -
 
 def value_text(raw: bytes) -> str:
     """The JSON text of a value that decode_value() accepted, as the producer wrote it."""
-    if raw[:3] == _BOM:
+    if raw[:3] == BOM:
         raw = raw[3:]
     return raw.decode("utf-8")
 
@@ -95,7 +95,7 @@ def is_failed_request(value: typing.Mapping[str, typing.Any]) -> bool:
 
 def _decode_unusual(raw: bytes, error: orjson.JSONDecodeError) -> typing.Any:
     """The slow path of decode_value: a value with a BOM, or the reason it cannot be used."""
-    if raw.startswith(_BOM):
+    if raw.startswith(BOM):
         return decode_value(raw[3:])
     if not raw.strip():
         raise SkippedRecord("empty")

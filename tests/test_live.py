@@ -180,8 +180,9 @@ def test_health_is_503_until_kafka_is_reachable_and_history_loaded(start_proxy, 
     assert headers["Content-Type"].startswith("application/json")
 
     with TansuBroker(port=port):
-        wait_until(lambda: proxy.get("/health")[0] == 200, 30, message="/health 200")
-        assert proxy.get("/health")[1]["status"] == "ok" and "reason" not in proxy.get("/health")[1]
+        status, body, _ = wait_until(lambda: (answer := proxy.get("/health"))[0] == 200 and answer, 30,
+                                     message="/health 200")
+        assert body["status"] == "ok" and "reason" not in body
 
 
 def test_topics_status_and_unknown_routes_answer_json(broker, start_proxy):

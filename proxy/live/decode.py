@@ -98,6 +98,31 @@ class RecordDecoder:
         return topic, timestamp, wire.render_envelope(self._prefix[topic], message.partition(), message.offset(),
                                                       timestamp, text)
 
+    def envelopes(self, messages: list[typing.Any], skipped: collections.Counter[tuple[str, str]]) -> list[LiveRecord]:
+        """envelope() of each accepted record of a batch, rendered in one loop.
+
+        The common case (no hidden field, no byte order mark) is inlined: at a backlog drain
+        this loop runs for every record, and three calls per record were a tenth of the proxy.
+        """
+        rendered: list[LiveRecord] = []
+        append = rendered.append
+        prefixes, hidden, envelope = self._prefix, self._hidden, self.envelope
+        render = wire.ENVELOPE_FORMAT.__mod__
+        now_ms = int(time.time() * 1000)
+        for message in messages:
+            topic, raw = message.topic(), message.value()
+            if topic in hidden or raw.startswith(records.BOM):
+                record = envelope(message, skipped)
+                if record is not None:
+                    append(record)
+                continue
+            kind, timestamp = message.timestamp()
+            if not kind:  # TIMESTAMP_NOT_AVAILABLE
+                timestamp = now_ms
+            append((topic, timestamp, render((prefixes[topic], message.partition(), message.offset(), timestamp,
+                                              raw.decode("utf-8")))))
+        return rendered
+
     def _skip(self, message: typing.Any, topic: str, reason: str,
               skipped: collections.Counter[tuple[str, str]], detail: str | None = None) -> bool:
         skipped[topic, reason] += 1

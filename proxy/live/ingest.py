@@ -243,8 +243,7 @@ class KafkaIngest:
             else:
                 messages = newest_per_topic(messages, self.history_size)
         skipped: collections.Counter[tuple[str, str]] = collections.Counter()
-        envelope = self.decoder.envelope
-        records = [r for m in messages if (r := envelope(m, skipped)) is not None]
+        records = self.decoder.envelopes(messages, skipped)
         if skipped:
             self.stats.add(collections.Counter(), skipped)
         self._on_batch(records)

@@ -44,8 +44,12 @@ def envelope_prefix(topic: str) -> str:
     return '{"topic":%s,"partition":' % topic_json(topic)
 
 
+# prefix (envelope_prefix), partition, offset, timestamp, value JSON.
+ENVELOPE_FORMAT = '%s%d,"offset":%d,"timestamp":%d,"value":%s}'
+
+
 def render_envelope(prefix: str, partition: int, offset: int, timestamp: int, value_json: str) -> str:
-    return '%s%d,"offset":%d,"timestamp":%d,"value":%s}' % (prefix, partition, offset, timestamp, value_json)
+    return ENVELOPE_FORMAT % (prefix, partition, offset, timestamp, value_json)
 
 
 def history_message(topic_literal: str, envelopes: typing.Iterable[str]) -> bytes:
