@@ -89,10 +89,8 @@ class ProxyProcess(testing.ProxyProcess):
         self.workdir = tempfile.mkdtemp(prefix="bench-proxy-")
         settings: dict[str, typing.Any] = {"topics": topics or default_topics(), "log_level": "WARNING",
                                            "topic_refresh_interval": 2.0}
-        if fetch_wait_ms is not None:
-            settings["kafka"] = {"fetch.wait.max.ms": fetch_wait_ms}
         settings.update(config or {})
-        super().__init__(bootstrap, settings, self.workdir, env=env)
+        super().__init__(bootstrap, settings, self.workdir, env=env, fetch_wait_ms=fetch_wait_ms)
         self.problems: list[str] = []  # the log's warnings and errors, read when it stops
 
     @property

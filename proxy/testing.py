@@ -87,15 +87,17 @@ class ProxyProcess:
     """The proxy as a real process (python -m proxy) on a free loopback port."""
 
     def __init__(self, bootstrap: str | None, config: dict[str, typing.Any], tmp_path: typing.Any,
-                 extra_args: typing.Sequence[str] = (), env: dict[str, str] | None = None):
+                 extra_args: typing.Sequence[str] = (), env: dict[str, str] | None = None,
+                 fetch_wait_ms: int | None = TANSU_FETCH_WAIT_MS):
+        """fetch_wait_ms: the consumer's fetch.wait.max.ms unless config sets it (None: the proxy's default)."""
         self.port = free_port()
         self.config_path = os.path.join(str(tmp_path), f"config-{self.port}.yaml")
-        # The test broker (Tansu) holds every fetch for the whole fetch.wait.max.ms: keep it short.
         settings = {"listen": {"address": "127.0.0.1", "port": self.port},
-                    "data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5,
-                    "kafka": {"fetch.wait.max.ms": TANSU_FETCH_WAIT_MS}}
+                    "data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5}
         settings.update(config)
-        settings["kafka"] = {"fetch.wait.max.ms": TANSU_FETCH_WAIT_MS, **config.get("kafka", {})}
+        if fetch_wait_ms is not None:
+            # The test broker (Tansu) holds every fetch for the whole fetch.wait.max.ms: keep it short.
+            settings["kafka"] = {"fetch.wait.max.ms": fetch_wait_ms, **config.get("kafka", {})}
         with open(self.config_path, "w") as handle:
             yaml.safe_dump(settings, handle)
         self.args = [sys.executable, "-m", "proxy", "--config", self.config_path, *extra_args]
