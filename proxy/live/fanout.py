@@ -23,17 +23,16 @@ import time
 import typing
 
 import tornado.ioloop
-import tornado.websocket
-import ujson
-from sockjs.tornado import SockJSConnection, SockJSRouter
-from sockjs.tornado.session import Session
+from sockjs.tornado import SockJSRouter
 
 from proxy import metrics
 from proxy.live import wire
-from proxy.live.access import EVERYTHING, UNAUTHORIZED_CLOSE, LiveAccess, Viewer
+from proxy.live.access import EVERYTHING, LiveAccess, Viewer
+from proxy.live.connection import LiveConnection
 from proxy.live.history import HistoryBuffer
 from proxy.live.merchant_view import MerchantViews
-from proxy.live.transports import REPLACEMENTS, LiveWebSocketTransport
+from proxy.live.session import LiveSession, drop_if_lost
+from proxy.live.transports import REPLACEMENTS
 from proxy.live.wire import LiveRecord
 
 log = logging.getLogger(__name__)
@@ -42,9 +41,6 @@ SLOW_CLIENT_CLOSE = (3008, "client too slow: send queue overflowed")
 SHUTDOWN_CLOSE = (3000, "server shutting down")
 # How often dead connections are looked for and lagging sessions judged.
 SWEEP_INTERVAL = 1.0
-# A write takes at most this much of a session's queue (at least one chunk), so a write completes
-# quickly and the session's progress is seen at a fine grain.
-MAX_FRAME_BYTES = 1024 * 1024
 # A session this many times its limit behind reads slower than the stream: closed at once.
 HARD_LIMIT_FACTOR = 4
 
@@ -57,248 +53,6 @@ class FanoutLimits:
     max_queued_bytes: int = 256 * 1024 * 1024
     slow_client_timeout: float = 5.0
     flush_interval: float = 0.005
-
-
-def drop_if_lost(handler: typing.Any) -> bool:
-    """Drop the handler's session if its connection is gone (transports without the check: never)."""
-    lost = getattr(handler, "connection_lost", None)
-    if lost is not None and lost():
-        handler.drop()
-        return True
-    return False
-
-
-class LiveSession(Session):
-    """A SockJS session whose queue holds shared chunks, with one write in flight at a time."""
-
-    def __init__(self, conn: type, server: SockJSRouter, session_id: str, expiry: float | None = None):
-        self._chunks: list[bytes] = []
-        super().__init__(conn, server, session_id, expiry)
-        self.hub: LiveHub = server.settings["hub"]
-        self.queued_bytes = 0      # waiting in _chunks
-        self.in_flight_bytes = 0   # handed to the socket, not yet sent
-        self._writing = False
-        self._write_future: typing.Any = None
-        self.over_limit_since: float | None = None
-        # When the write now in flight started (None: none is); a write that does not complete
-        # means the client does not read.
-        self.write_started: float | None = None
-
-    # sockjs-tornado's transports look at send_queue to decide whether to flush at once.
-    @property  # type: ignore[override]
-    def send_queue(self) -> list[bytes]:
-        return self._chunks
-
-    @send_queue.setter
-    def send_queue(self, value: typing.Any) -> None:
-        pass  # sockjs-tornado resets it to '' in __init__; the chunks are ours
-
-    @property
-    def pending_bytes(self) -> int:
-        return self.queued_bytes + self.in_flight_bytes
-
-    def send_jsonified(self, msg: str, stats: bool = True) -> None:
-        """Everything sockjs-tornado sends through the session goes through the bounded queue."""
-        self.enqueue([msg.encode()])
-
-    def enqueue(self, chunks: list[bytes]) -> None:
-        """Queue pre-encoded SockJS messages (each comma-joinable, UTF-8); written on the next tick."""
-        if self.is_closed or not chunks:
-            return
-        self._chunks.extend(chunks)
-        added = sum(map(len, chunks))
-        self.queued_bytes += added
-        self.hub.account(self, added)
-
-    def take(self) -> list[bytes]:
-        """Hand queued chunks (up to MAX_FRAME_BYTES, at least one) to a write (the tick or flush())."""
-        if self.queued_bytes <= MAX_FRAME_BYTES:
-            chunks, self._chunks = self._chunks, []
-            taken = self.queued_bytes
-        else:
-            taken, count = 0, 0
-            for chunk in self._chunks:
-                if count and taken + len(chunk) > MAX_FRAME_BYTES:
-                    break
-                taken += len(chunk)
-                count += 1
-            chunks, self._chunks = self._chunks[:count], self._chunks[count:]
-        self.in_flight_bytes += taken
-        self.queued_bytes -= taken
-        return chunks
-
-    def writable(self) -> bool:
-        handler = self.handler
-        return bool(self._chunks) and handler is not None and handler.active and not self._writing
-
-    def stalled_for(self, now: float) -> float:
-        """Seconds the client has not taken data it could have: a write in flight, or (no
-        transport attached, e.g. a poller that stopped polling) since it went over its limit."""
-        if self.write_started is not None:
-            return now - self.write_started
-        if self.over_limit_since is not None and not self.writable():
-            return now - self.over_limit_since
-        return 0.0
-
-    def write(self, frame: bytes) -> None:
-        """Send one SockJS frame (b'a[...]') built from take()n chunks."""
-        handler = self.handler
-        self.write_started = time.monotonic()
-        if isinstance(handler, LiveWebSocketTransport):
-            try:
-                future = handler.write_frame(frame)
-            except tornado.websocket.WebSocketClosedError:
-                self._write_finished(None)
-                self.server.io_loop.add_callback(handler.drop)
-                return
-            self._writing = True
-            self._write_future = future
-            future.add_done_callback(self._write_finished)
-        else:
-            # HTTP transports mark themselves inactive until the write is flushed, then call
-            # flush() again; the write counts as done then.
-            send_frame = getattr(handler, "send_frame", None)
-            if send_frame is not None:
-                send_frame(frame)
-            else:
-                handler.send_pack(frame.decode())
-            self._write_finished(None)
-            self.write_started = time.monotonic()  # until the transport calls flush() again
-
-    def flush(self) -> None:
-        """Write what is queued now, if a transport can take it (sockjs-tornado calls this when a
-        transport attaches or finished a write)."""
-        self._pending_flush = False
-        self.write_started = None
-        if self.writable():
-            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
-
-    def _write_finished(self, future: typing.Any) -> None:
-        if future is not None and future is not self._write_future:
-            return
-        self._writing = False
-        self._write_future = None
-        self.write_started = None
-        self.hub.account(self, -self.in_flight_bytes)
-        self.in_flight_bytes = 0
-        if future is not None and future.exception() is not None:
-            return  # the connection is gone; the sweep or on_close drops the session
-        self.hub.settle(self)
-        if self._chunks:
-            self.hub.mark_dirty(self)
-
-    def _heartbeat(self) -> None:
-        if not drop_if_lost(self.handler):
-            super()._heartbeat()
-
-    def close_after_flush(self, code: int, message: str) -> None:
-        """Close, but first send what is queued (e.g. the error that says why)."""
-        handler = self.handler
-        if self._chunks and handler is not None and not self.is_closed:
-            frame = b"".join((b"a[", b",".join(self.take()), b"]"))
-            if isinstance(handler, LiveWebSocketTransport):
-                handler.send_pack(frame.decode())  # ordered before the close frame on the same stream
-            elif handler.active:
-                handler.send_pack(frame.decode())
-        self.close(code, message)
-
-    def close(self, code: int = 3000, message: str = "Go away!") -> None:
-        if self._chunks or self.in_flight_bytes:
-            self.hub.account(self, -self.pending_bytes)
-        self._chunks, self.queued_bytes, self.in_flight_bytes = [], 0, 0
-        self.hub.settle(self)
-        super().close(code, message)
-
-
-class LiveConnection(SockJSConnection):
-    """One browser: gets every topic's history on open, then the topics it subscribed to.
-
-    In token mode (live.access: token) it first has to say who it is: {"type": "auth", "token": T}.
-    """
-
-    hub: LiveHub  # set on the subclass made by LiveHub.router()
-
-    def on_open(self, info: typing.Any) -> None:
-        self.topics: frozenset[str] | None = None  # None: every topic
-        self.transport = self.session.transport_name
-        self.viewer: Viewer | None = None
-        self._token: str | None = None
-        self._auth_timer: typing.Any = None
-        metrics.LIVE_SESSIONS.labels(self.transport).inc()
-        if self.hub.access.requires_token:
-            self._auth_timer = self.session.server.io_loop.call_later(self.hub.access.auth_timeout,
-                                                                      self._auth_timed_out)
-        else:
-            self.viewer = EVERYTHING
-            self.hub.add(self)
-
-    def on_message(self, message: str) -> None:
-        try:
-            request = ujson.loads(message)
-        except (ValueError, TypeError):
-            return self.send_error("message is not valid JSON")
-        kind = request.get("type") if isinstance(request, dict) else None
-        if kind == "auth":
-            return self._authenticate(request.get("token"))
-        if kind != "subscribe":
-            return self.send_error('expected {"type": "subscribe", "topics": [...]}')
-        if self.viewer is None:
-            return self.send_error('authenticate first: send {"type": "auth", "token": "<token>"}')
-        topics = request.get("topics")
-        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
-            return self.send_error('"topics" must be a list of topic names')
-        unknown = [t for t in topics if t not in self.hub.history]
-        if unknown:
-            return self.send_error(f"unknown topics: {', '.join(unknown)}")
-        hidden = [t for t in topics if t not in self.hub.visible_topics(self.viewer)]
-        if hidden:
-            return self.send_error(f"topics not visible to this merchant: {', '.join(hidden)}")
-        self.hub.subscribe(self, [t for t in self.hub.topics if t in topics])
-
-    def _authenticate(self, token: typing.Any) -> None:
-        access = self.hub.access
-        if not access.requires_token:
-            return self.send_error("live access is open: no authentication needed")
-        if self.viewer is not None:
-            # The same token again is harmless; another one would change whose view this is.
-            if isinstance(token, str) and self._token is not None and access.same_token(token, self._token):
-                return self._send([self.viewer.auth_answer()])
-            return self._refuse("already authenticated with another token")
-        viewer = access.viewer_for(token)
-        if viewer is None:
-            return self._refuse('"token" must be a non-empty string')
-        self._cancel_auth_timer()
-        self.viewer, self._token = viewer, token
-        self._send([viewer.auth_answer()])
-        self.hub.add(self)
-
-    def _auth_timed_out(self) -> None:
-        self._auth_timer = None
-        if self.viewer is None:
-            self._refuse(f"no auth message within {self.hub.access.auth_timeout:g} s")
-
-    def _refuse(self, error: str) -> None:
-        self._cancel_auth_timer()
-        self.send_error(error)
-        self.session.close_after_flush(*UNAUTHORIZED_CLOSE)
-
-    def _cancel_auth_timer(self) -> None:
-        if self._auth_timer is not None:
-            self.session.server.io_loop.remove_timeout(self._auth_timer)
-            self._auth_timer = None
-
-    def on_close(self) -> None:
-        transport = getattr(self, "transport", None)  # None: closed before it was opened
-        if transport is not None:
-            metrics.LIVE_SESSIONS.labels(transport).dec()
-            self._cancel_auth_timer()
-        self.hub.remove(self)
-
-    def send_error(self, error: str) -> None:
-        self._send([{"type": "error", "error": error}])
-
-    def _send(self, bodies: list[dict[str, typing.Any]]) -> None:
-        self.session.enqueue([wire.control_message(body) for body in bodies])
 
 
 class LiveHub:

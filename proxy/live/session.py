@@ -1,0 +1,176 @@
+"""One SockJS session of the live stream: a queue of shared chunks, one write in flight at a time.
+
+How far behind a session may fall, and what happens then, is the hub's decision
+(proxy.live.fanout); the session keeps the counts it needs: bytes queued and in flight, when it
+went over its limit, when its write in flight started.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+
+import tornado.websocket
+from sockjs.tornado import SockJSRouter
+from sockjs.tornado.session import Session
+
+from proxy.live.transports import LiveWebSocketTransport
+
+if typing.TYPE_CHECKING:
+    from proxy.live.fanout import LiveHub
+
+# A write takes at most this much of a session's queue (at least one chunk), so a write completes
+# quickly and the session's progress is seen at a fine grain.
+MAX_FRAME_BYTES = 1024 * 1024
+
+
+def drop_if_lost(handler: typing.Any) -> bool:
+    """Drop the handler's session if its connection is gone (transports without the check: never)."""
+    lost = getattr(handler, "connection_lost", None)
+    if lost is not None and lost():
+        handler.drop()
+        return True
+    return False
+
+
+
+class LiveSession(Session):
+    """A SockJS session whose queue holds shared chunks, with one write in flight at a time."""
+
+    def __init__(self, conn: type, server: SockJSRouter, session_id: str, expiry: float | None = None):
+        self._chunks: list[bytes] = []
+        super().__init__(conn, server, session_id, expiry)
+        self.hub: LiveHub = server.settings["hub"]
+        self.queued_bytes = 0      # waiting in _chunks
+        self.in_flight_bytes = 0   # handed to the socket, not yet sent
+        self._writing = False
+        self._write_future: typing.Any = None
+        self.over_limit_since: float | None = None
+        # When the write now in flight started (None: none is); a write that does not complete
+        # means the client does not read.
+        self.write_started: float | None = None
+
+    # sockjs-tornado's transports look at send_queue to decide whether to flush at once.
+    @property  # type: ignore[override]
+    def send_queue(self) -> list[bytes]:
+        return self._chunks
+
+    @send_queue.setter
+    def send_queue(self, value: typing.Any) -> None:
+        pass  # sockjs-tornado resets it to '' in __init__; the chunks are ours
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.queued_bytes + self.in_flight_bytes
+
+    def send_jsonified(self, msg: str, stats: bool = True) -> None:
+        """Everything sockjs-tornado sends through the session goes through the bounded queue."""
+        self.enqueue([msg.encode()])
+
+    def enqueue(self, chunks: list[bytes]) -> None:
+        """Queue pre-encoded SockJS messages (each comma-joinable, UTF-8); written on the next tick."""
+        if self.is_closed or not chunks:
+            return
+        self._chunks.extend(chunks)
+        added = sum(map(len, chunks))
+        self.queued_bytes += added
+        self.hub.account(self, added)
+
+    def take(self) -> list[bytes]:
+        """Hand queued chunks (up to MAX_FRAME_BYTES, at least one) to a write (the tick or flush())."""
+        if self.queued_bytes <= MAX_FRAME_BYTES:
+            chunks, self._chunks = self._chunks, []
+            taken = self.queued_bytes
+        else:
+            taken, count = 0, 0
+            for chunk in self._chunks:
+                if count and taken + len(chunk) > MAX_FRAME_BYTES:
+                    break
+                taken += len(chunk)
+                count += 1
+            chunks, self._chunks = self._chunks[:count], self._chunks[count:]
+        self.in_flight_bytes += taken
+        self.queued_bytes -= taken
+        return chunks
+
+    def writable(self) -> bool:
+        handler = self.handler
+        return bool(self._chunks) and handler is not None and handler.active and not self._writing
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the client has not taken data it could have: a write in flight, or (no
+        transport attached, e.g. a poller that stopped polling) since it went over its limit."""
+        if self.write_started is not None:
+            return now - self.write_started
+        if self.over_limit_since is not None and not self.writable():
+            return now - self.over_limit_since
+        return 0.0
+
+    def write(self, frame: bytes) -> None:
+        """Send one SockJS frame (b'a[...]') built from take()n chunks."""
+        handler = self.handler
+        self.write_started = time.monotonic()
+        if isinstance(handler, LiveWebSocketTransport):
+            try:
+                future = handler.write_frame(frame)
+            except tornado.websocket.WebSocketClosedError:
+                self._write_finished(None)
+                self.server.io_loop.add_callback(handler.drop)
+                return
+            self._writing = True
+            self._write_future = future
+            future.add_done_callback(self._write_finished)
+        else:
+            # HTTP transports mark themselves inactive until the write is flushed, then call
+            # flush() again; the write counts as done then.
+            send_frame = getattr(handler, "send_frame", None)
+            if send_frame is not None:
+                send_frame(frame)
+            else:
+                handler.send_pack(frame.decode())
+            self._write_finished(None)
+            self.write_started = time.monotonic()  # until the transport calls flush() again
+
+    def flush(self) -> None:
+        """Write what is queued now, if a transport can take it (sockjs-tornado calls this when a
+        transport attaches or finished a write)."""
+        self._pending_flush = False
+        self.write_started = None
+        if self.writable():
+            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
+
+    def _write_finished(self, future: typing.Any) -> None:
+        if future is not None and future is not self._write_future:
+            return
+        self._writing = False
+        self._write_future = None
+        self.write_started = None
+        self.hub.account(self, -self.in_flight_bytes)
+        self.in_flight_bytes = 0
+        if future is not None and future.exception() is not None:
+            return  # the connection is gone; the sweep or on_close drops the session
+        self.hub.settle(self)
+        if self._chunks:
+            self.hub.mark_dirty(self)
+
+    def _heartbeat(self) -> None:
+        if not drop_if_lost(self.handler):
+            super()._heartbeat()
+
+    def close_after_flush(self, code: int, message: str) -> None:
+        """Close, but first send what is queued (e.g. the error that says why)."""
+        handler = self.handler
+        if self._chunks and handler is not None and not self.is_closed:
+            frame = b"".join((b"a[", b",".join(self.take()), b"]"))
+            if isinstance(handler, LiveWebSocketTransport):
+                handler.send_pack(frame.decode())  # ordered before the close frame on the same stream
+            elif handler.active:
+                handler.send_pack(frame.decode())
+        self.close(code, message)
+
+    def close(self, code: int = 3000, message: str = "Go away!") -> None:
+        if self._chunks or self.in_flight_bytes:
+            self.hub.account(self, -self.pending_bytes)
+        self._chunks, self.queued_bytes, self.in_flight_bytes = [], 0, 0
+        self.hub.settle(self)
+        super().close(code, message)
