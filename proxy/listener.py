@@ -10,6 +10,8 @@
 - Request bodies are limited per route before a byte of them is read: a declared Content-Length
   over the limit gets a JSON 413 (tornado would answer a bare 400, or buffer up to 100 MB).
 - Methods no handler implements (TRACE, made-up ones) get a JSON 405 before any handler runs.
+One module of about 400 lines on purpose: every limit hooks the same accept loop and the same
+per-connection bookkeeping, and split up they would have to share both.
 
 Tornado's own accept loop (tornado.netutil.add_accept_handler) lets EMFILE escape to the IOLoop,
 which logs a traceback and calls it again at once as long as the backlog is not empty.

@@ -196,3 +196,35 @@ def test_malformed_or_oversized_xhr_send_gets_a_json_4xx(broker, start_proxy, so
     client.send({"type": "subscribe", "topics": [topic]})  # the session is still fine
     assert client.receive(1, timeout=30)[0]["type"] == "history"
     assert "Traceback" not in proxy.log()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_flood_of_xhr_sessions_that_never_poll_costs_a_few_kib_each(broker, start_proxy):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    produce(broker.bootstrap_servers, topic, [{"n": n, "pad": "x" * 4000} for n in range(100)])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    history_bytes = len(json.dumps(proxy.get("/status")[1]["topics"][topic]["last_message"])) * 100
+    assert history_bytes > 400_000
+    before = _rss_mib(proxy.process.pid)
+
+    # Each opens its session (the answer is the open frame) and never polls again; its history
+    # waits in its queue for a poll that never comes.
+    sessions = 800
+    for _ in range(sessions):
+        sock = _connect(proxy)
+        sock.sendall(_streaming_request(uuid.uuid4().hex[:12], "xhr"))
+        _read_until(sock, b"o\n")
+        sock.close()
+    assert _status(proxy)["sessions"] == sessions
+
+    # A private copy of the history each would be 800 x 0.4 MB = 320 MiB.
+    grown = _rss_mib(proxy.process.pid) - before
+    assert grown < 40, f"RSS grew {grown:.0f} MiB for {sessions} sessions"
+    # Unpolled sessions end after the disconnect delay (5 s).
+    wait_until(lambda: _status(proxy)["sessions"] == 0, 20, message="the unpolled sessions to expire")
