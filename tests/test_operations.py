@@ -224,18 +224,26 @@ def test_live_messages_keep_flowing_while_exports_run(broker, start_proxy, sockj
     proxy = start_proxy(broker.bootstrap_servers, {"topics": [live], "export": {"topics": {big: {"policy": "public"}}}})
     client = sockjs(proxy.base)
     client.receive(1)
-    exports = [threading.Thread(target=proxy.get, args=(f"/export/data/{big}", {"Authorization": f"t{i}"}))
-               for i in range(2)]
-    for export in exports:
-        export.start()
+    statuses: list[int] = []
+
+    def export(token: str) -> None:
+        # Exports of 300k records may take longer than proxy.get's 10 s: wait for them, and check them.
+        request = urllib.request.Request(f"{proxy.base}/export/data/{big}", headers={"Authorization": token})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            statuses.append(response.status)
+
+    exports = [threading.Thread(target=export, args=(f"t{i}",)) for i in range(2)]
+    for thread in exports:
+        thread.start()
     wait_until(lambda: len(list((tmp_path / "data").glob(".tmp-*"))) == 2, 30, interval=0.01,
                message="both exports to be writing")
 
     produce(broker.bootstrap_servers, live, [{"during": "export"}])
     (message,) = client.receive(1, timeout=5)
     still_exporting = len(list((tmp_path / "data").glob(".tmp-*")))
-    for export in exports:
-        export.join(60)
+    for thread in exports:
+        thread.join(120)
 
+    assert statuses == [200, 200]
     assert message["message"]["value"] == {"during": "export"}
     assert still_exporting >= 1, "the live message arrived while an export was still running"
