@@ -186,6 +186,7 @@ class SockJSClient:
         self.url = f"{prefix}/000/{self.session_id}"
         self.pending: list[typing.Any] = []
         self.frames: list[str] = []  # frames read but not yet parsed (polling reads one per request)
+        self.reconnects = 0  # streaming responses the server ended, after which this client reconnected
         self.http: http.client.HTTPConnection | None = None
         if transport == "websocket":
             self.ws = websocket.create_connection(f"ws://{host_port}{self.url}/websocket", timeout=10)
@@ -242,6 +243,7 @@ class SockJSClient:
             # The server ends a streaming response after its response limit: reconnect, as
             # SockJS clients do, to the same session.
             self.close()
+            self.reconnects += 1
             self._open_stream()
             return ""
         text = line.decode().rstrip("\r\n")

@@ -228,3 +228,22 @@ def test_a_flood_of_xhr_sessions_that_never_poll_costs_a_few_kib_each(broker, st
     assert grown < 40, f"RSS grew {grown:.0f} MiB for {sessions} sessions"
     # Unpolled sessions end after the disconnect delay (5 s).
     wait_until(lambda: _status(proxy)["sessions"] == 0, 20, message="the unpolled sessions to expire")
+
+
+@pytest.mark.parametrize("limit, reconnects", [(None, 0), (200_000, 2)])
+def test_a_streaming_client_is_not_sent_into_a_reconnect_cycle(broker, start_proxy, sockjs, limit, reconnects):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    produce(broker.bootstrap_servers, topic, [{"n": n, "pad": "x" * 5000} for n in range(100)])  # 0.5 MB history
+    live = {"streaming_response_limit": limit} if limit else {}
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": live})
+    client = sockjs(proxy.base, "xhr_streaming")
+    assert len(client.receive(1, timeout=30)[0]["messages"]) == 100
+    # Then 1.5 MB of live traffic: the default limit (8 MiB) holds the history and all of it.
+    for step in range(3):
+        produce(broker.bootstrap_servers, topic, [{"n": n, "pad": "y" * 5000} for n in range(step * 100, step * 100 + 100)])
+        assert [m["message"]["value"]["n"] for m in client.receive(100, timeout=30)] == list(range(step * 100, step * 100 + 100))
+    if reconnects:
+        assert client.reconnects >= reconnects  # the setting is what decides (a response carries whole frames)
+    else:
+        assert client.reconnects == 0
