@@ -7,11 +7,19 @@ so every one of them must get every record: loss is counted exactly once the pro
 (what has not arrived TAIL_SECONDS later is lost).
 The first clients of each process time every message (Kafka record timestamp to receipt).
 
+With --merchants M the proxy runs in token mode and client i authenticates as merchant i mod M;
+the records (buyOffer-shaped whatever --topic) carry the M merchants' ids in turn. On a public
+topic (marketSituation) every session still gets every record, as in open mode; on an owner topic
+(buyOffer) a session gets only its merchant's records, every M-th. Either way the proxy filters
+and encodes a record once per merchant, not once per session: run.py's "merchants" rows show what
+that costs next to the open row with as many sessions.
+
 Targets (issue 10): 100 clients at 1k/s: p99 <= 50 ms and proxy <= 35 % of a core; at 5k/s:
 p99 <= 100 ms, no loss, no session closed, proxy peak RSS <= 300 MB; at 10k/s: no session
 closed, peak RSS <= 300 MB (degrade by coalescing); 10 clients: p99 <= 50 ms up to 10k/s.
 
     PYTHONPATH=. python bench/fanout.py [--clients 100] [--rates 1000,5000,10000] [--partitions 4]
+                                        [--merchants 20 --topic marketSituation|buyOffer]
 """
 
 from __future__ import annotations
@@ -28,10 +36,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.processes import (  # noqa: E402
     CpuMeter, LoadClients, MachineCpu, ProducerProcess, Profiler, ProxyProcess, cpu_summary, format_cpu,
     group_cpu, memory_kib)
-from proxy.config import default_topics  # noqa: E402
+from proxy.config import default_topic_rules, default_topics  # noqa: E402
 from proxy.demo.broker import TansuBroker  # noqa: E402
+from proxy.demo.simulator import Merchant  # noqa: E402
 
 TOPIC = "buyOffer"
+# Token mode (run.py's "merchants"): 100 sessions of 20 merchants, 5 each, on a public topic and an owner topic.
+MERCHANTS = 20
+MERCHANT_TOPICS = ("marketSituation", "buyOffer")
 WARMUP_STEPS = (0.25, 0.5, 0.75, 1.0)
 SAMPLED_PER_PROCESS = 5
 LOAD_PROCESSES = 2
@@ -63,21 +75,36 @@ def targets_for(clients: int, rate: float) -> Targets:
 
 
 def run_step(clients: int, rate: float, partitions: int = 4, warmup: float = 1.5, duration: float = 5.0,
-             processes: int = LOAD_PROCESSES) -> dict:
-    """One (clients, rate) step on a fresh broker and proxy; figures and the targets it meets."""
+             processes: int = LOAD_PROCESSES, merchants: int = 0, topic: str = TOPIC) -> dict:
+    """One (clients, rate) step on a fresh broker and proxy; figures and the targets it meets.
+
+    merchants: 0 for open access; else token mode, client i a session of merchant i % merchants and
+    the records owned by the merchants in turn (see the module's docstring).
+    """
     topics = default_topics()
+    tokens = [Merchant.generate().token for _ in range(merchants)]
+    owned = bool(merchants) and default_topic_rules()[topic].policy != "public"
+
+    def records_for(client: int, produced: int) -> int:
+        """How many of the first `produced` records client number `client` may see."""
+        return len(range(client % merchants, produced, merchants)) if owned else produced
+
     with TansuBroker() as broker:
         broker.create_topics(topics, partitions=partitions)
-        proxy = ProxyProcess(broker.bootstrap_servers)
+        config = {"live": {"access": "token", "admin_tokens": [Merchant.generate().token]}} if merchants else None
+        proxy = ProxyProcess(broker.bootstrap_servers, config=config)
         loads: list[LoadClients] = []
         producer = None
         try:
             proxy.start()
             split = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
-            loads = [LoadClients(proxy.port, count, sample=min(SAMPLED_PER_PROCESS, count), histories=len(topics))
-                     .start() for count in split if count]
-            producer = ProducerProcess(broker.bootstrap_servers, TOPIC, rate * WARMUP_STEPS[0], shape="buyOffer",
-                                       duration=warmup + duration + 60).start()
+            firsts = [sum(split[:i]) for i, count in enumerate(split) if count]  # each process's first client
+            loads = [LoadClients(proxy.port, count, sample=min(SAMPLED_PER_PROCESS, count), histories=len(topics),
+                                 tokens=[tokens[(first + i) % merchants] for i in range(count)] if merchants else None)
+                     .start() for first, count in zip(firsts, filter(None, split))]
+            producer = ProducerProcess(broker.bootstrap_servers, topic, rate * WARMUP_STEPS[0], shape="buyOffer",
+                                       duration=warmup + duration + 60,
+                                       owners=[Merchant(token).merchant_id for token in tokens]).start()
             for step in WARMUP_STEPS:
                 producer.set_rate(rate * step)
                 time.sleep(warmup / len(WARMUP_STEPS))
@@ -97,8 +124,10 @@ def run_step(clients: int, rate: float, partitions: int = 4, warmup: float = 1.5
             cpu = cpu_summary(group_cpu(meter.stop(), "clients"), machine.stop())
             produced = producer.result()
             # Everything produced must reach every client: wait for the tail, with a deadline.
-            for load in loads:  # all wait at once: a client short of messages costs the deadline once
-                load.send(f"UNTIL {load.clients * produced['produced']} {TAIL_SECONDS}")
+            expected_by_load = [sum(records_for(first + i, produced["produced"]) for i in range(load.clients))
+                                for first, load in zip(firsts, loads)]
+            for load, expected in zip(loads, expected_by_load):  # all wait at once: a client short costs it once
+                load.send(f"UNTIL {expected} {TAIL_SECONDS}")
             final = [json.loads(load.line(TAIL_SECONDS + 10)) for load in loads]
             memory = memory_kib(proxy.pid)
         finally:
@@ -110,18 +139,20 @@ def run_step(clients: int, rate: float, partitions: int = 4, warmup: float = 1.5
     consumed = metrics_after.get("proxy_messages_consumed_total", 0) - metrics_before.get(
         "proxy_messages_consumed_total", 0)
     frames = sum(a["frames"] - b["frames"] for a, b in zip(after, before))
-    expected = clients * produced["produced"]
+    expected = sum(expected_by_load)
     received = sum(f["messages"] for f in final)
     per_client = [count for f in final for count in f["per_client"]]
     latency = merge_percentiles(latencies)
     closed = sum(f["closed"] for f in final)
     result = {
-        "clients": clients, "rate": rate, "partitions": partitions, "seconds": seconds,
+        "clients": clients, "rate": rate, "partitions": partitions, "merchants": merchants, "topic": topic,
+        "seconds": seconds,
         "produced": produced["produced"], "producer_failed": produced["failed"],
         "delivered_per_s": delivered / seconds, "consumed_per_s": consumed / seconds,
         "messages_per_frame": delivered / frames if frames else 0.0,
         "loss": 1 - received / expected if expected else 0.0, "slowest_client_share":
-            min(per_client) / produced["produced"] if produced["produced"] and per_client else 0.0,
+            min(count / max(records_for(client, produced["produced"]), 1) for client, count in enumerate(per_client))
+            if produced["produced"] and per_client else 0.0,
         "closed": closed, "close_codes": sorted({c for f in final for c in f["close_codes"]}),
         "dropped": metrics_after.get("proxy_slow_sessions_dropped_total", 0.0),
         "latency_ms": latency, "cpu": cpu,
@@ -170,11 +201,14 @@ def describe(result: dict) -> str:
 
 
 def report(result: dict) -> None:
-    print(f"fan-out: {result['clients']} websocket clients, {result['rate']:,.0f} buyOffer records/s, "
-          f"{result['partitions']} partition(s) per topic, {result['seconds']:.1f} s measured")
+    merchants = f" of {result['merchants']} merchants (token mode)" if result["merchants"] else ""
+    print(f"fan-out: {result['clients']} websocket clients{merchants}, {result['rate']:,.0f} buyOffer-shaped "
+          f"records/s into {result['topic']}, {result['partitions']} partition(s) per topic, "
+          f"{result['seconds']:.1f} s measured")
     print(f"  {describe(result)}")
     print(f"  delivered {result['delivered_per_s']:,.0f} msgs/s, ingested {result['consumed_per_s']:,.0f}/s; "
-          f"slowest client got {result['slowest_client_share']:.1%} of {result['produced']:,} produced; "
+          f"slowest client got {result['slowest_client_share']:.1%} of what it may see "
+          f"({result['produced']:,} produced); "
           f"dropped as slow: {result['dropped']:.0f}; proxy log warnings/errors: {result['proxy_problems']}")
     print(f"  proxy CPU {result['proxy_us_per_ingested']:.0f} us per ingested record, "
           f"{result['proxy_us_per_delivered']:.2f} us per delivered message")
@@ -190,9 +224,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--processes", type=int, default=LOAD_PROCESSES, help="load-client processes")
+    parser.add_argument("--merchants", type=int, default=0, help="token mode: sessions of this many merchants")
+    parser.add_argument("--topic", default=TOPIC, help="where the (buyOffer-shaped) records go")
     args = parser.parse_args()
     for rate in (float(rate) for rate in args.rates.split(",")):
-        report(run_step(args.clients, rate, args.partitions, args.warmup, args.duration, args.processes))
+        report(run_step(args.clients, rate, args.partitions, args.warmup, args.duration, args.processes,
+                        args.merchants, args.topic))
 
 
 if __name__ == "__main__":

@@ -189,7 +189,9 @@ class LoadClients(LineProcess):
     """bench/sockjs_load.py in a child process: N SockJS sessions of one transport that count what they get."""
 
     def __init__(self, port: int, clients: int, sample: int = 0, prefix: str = "/live", transport: str = "websocket",
-                 connect_rate: float = 0.0, histories: int = 0, wait_for_go: bool = False):
+                 connect_rate: float = 0.0, histories: int = 0, wait_for_go: bool = False,
+                 tokens: list[str] | None = None):
+        """tokens: token mode, client i authenticates with tokens[i % len(tokens)] (websocket only)."""
         self.clients = clients
         self.transport = transport
         self.args = [sys.executable, os.path.join(BENCH, "sockjs_load.py"), "--port", str(port),
@@ -197,6 +199,8 @@ class LoadClients(LineProcess):
                      "--transport", transport, "--connect-rate", str(connect_rate), "--histories", str(histories)]
         if wait_for_go:
             self.args.append("--wait-for-go")
+        if tokens:
+            self.args += ["--tokens", ",".join(tokens)]
 
     def start(self, timeout: float = 60.0) -> "LoadClients":
         self._spawn(self.args, timeout)
@@ -207,11 +211,13 @@ class ProducerProcess(LineProcess):
     """bench/producer.py in a child process; set_rate() changes its pace, result() ends it.
 
     topic (+ shape): every record into one topic; topics: each record into its simulator topic.
+    owners: merchant ids the records get in turn (record i: owners[i % len(owners)]).
     """
 
     def __init__(self, bootstrap: str, topic: str | None, rate: float, duration: float = 120.0,
                  linger_ms: float = LINGER_MS, shape: str | None = None, topics: list[str] | None = None,
-                 count: int | None = None, merchant_token: str | None = None, topic_suffix: str = ""):
+                 count: int | None = None, merchant_token: str | None = None, topic_suffix: str = "",
+                 owners: list[str] | None = None):
         self.args = [sys.executable, os.path.join(BENCH, "producer.py"), "--bootstrap", bootstrap,
                      "--rate", str(rate), "--duration", str(duration), "--linger-ms", str(linger_ms)]
         self.args += ["--topic", topic] if topic else ["--topics", ",".join(topics or default_topics())]
@@ -223,6 +229,8 @@ class ProducerProcess(LineProcess):
             self.args += ["--merchant-token", merchant_token]
         if topic_suffix:
             self.args += [f"--topic-suffix={topic_suffix}"]
+        if owners:
+            self.args += ["--owners", ",".join(owners)]
 
     def start(self) -> "ProducerProcess":
         self._spawn(self.args, 60.0)

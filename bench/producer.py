@@ -13,6 +13,9 @@ Two ways to route them:
 
     python bench/producer.py --bootstrap HOST:PORT --topic T [--rate 10000] [--duration 20] [--count N]
 
+--owners ID,ID,... gives the records these merchant ids in turn (record i: the (i mod n)-th), so
+that each of n merchants' sessions in token mode gets every n-th record of an owner topic.
+
 "RATE <records/s>" on stdin changes the rate (0: as fast as possible); "STOP" or the end of stdin
 stops it. Prints {"produced", "by_topic", "failed", "seconds", "bytes", "cpu_seconds"} once every record is acked.
 """
@@ -70,6 +73,15 @@ def routed_values(count: int, seed: int = 1, topics: typing.Collection[str] | No
     if not values:
         raise ValueError(f"the simulator writes none of {sorted(topics or [])}")
     return values
+
+
+def with_owners(values: list[tuple[str, bytes]], owners: list[str]) -> list[tuple[str, bytes]]:
+    """The records with their merchant_id set to the owners in turn (a cycle: len(values) % n == 0)."""
+    if len(values) % len(owners):
+        raise ValueError(f"{len(values)} distinct records do not cycle through {len(owners)} owners evenly")
+    return [(topic, ujson.dumps(dict(ujson.loads(value), merchant_id=owners[number % len(owners)]),
+                                escape_forward_slashes=False).encode())
+            for number, (topic, value) in enumerate(values)]
 
 
 class Pace:
@@ -160,6 +172,7 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--merchant-token", default=None, help="one of the simulated merchants has this token")
+    parser.add_argument("--owners", default="", help="comma-separated merchant ids the records get in turn")
     parser.add_argument("--topic-suffix", default="",
                         help="with --topics: write to <topic><suffix> (the tests' unique names)")
     args = parser.parse_args()
@@ -169,6 +182,8 @@ def main() -> None:
     else:
         values = [(topic + args.topic_suffix, value) for topic, value in
                   routed_values(DISTINCT_VALUES, args.seed, args.topics.split(","), args.merchant_token)]
+    if args.owners:
+        values = with_owners(values, args.owners.split(","))
     pace = Pace(args.rate)
     threading.Thread(target=pace.follow, args=(sys.stdin,), daemon=True).start()
     print("READY", flush=True)

@@ -7,7 +7,7 @@ broker, the producer and the load clients (and of everything else on the machine
 the proxy's CPU per ingested record and per delivered message, so the cost on another host can be
 read off. Benchmarks report, they do not gate: the exit code is 0 whatever the figures.
 
-    PYTHONPATH=. python bench/run.py [--quick] [--only drain,fanout,burst,export,idle,scale_out]
+    PYTHONPATH=. python bench/run.py [--quick] [--only drain,fanout,merchants,burst,export,idle,scale_out]
 
 Results go to bench/results/<UTC time>.json. BENCH_PROFILE=<folder> also records a py-spy profile
 of the proxy during each measured window (see bench/processes.py, Profiler).
@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import backlog_drain, export_scan, fanout, history_burst, idle  # noqa: E402
 from bench.processes import BENCH, REPO  # noqa: E402
+from proxy.config import default_topic_rules  # noqa: E402
 
 RESULTS = os.path.join(BENCH, "results")
 CPU_ORDER = ("proxy", "broker", "producer", "client", "clients", "bare consumer", "others")
@@ -64,12 +65,21 @@ def drain_rows(partitions: tuple[int, ...], details: dict) -> list[Row]:
     return rows
 
 
-def fanout_rows(steps: list[tuple[int, float, int]], details: dict) -> list[Row]:
+def fanout_rows(steps: list[tuple[int, float, int]], details: dict, merchants: int = 0,
+                topic: str = fanout.TOPIC) -> list[Row]:
     rows = []
     for clients, rate, partitions in steps:
-        result = fanout.run_step(clients, rate, partitions)
+        result = fanout.run_step(clients, rate, partitions, merchants=merchants, topic=topic)
         fanout.report(result)
-        details[f"fanout_{clients}c_{rate:.0f}_{partitions}p"] = result
+        name = f"{clients} clients, {rate / 1000:.0f}k msg/s, {partitions}p"
+        key = f"fanout_{clients}c_{rate:.0f}_{partitions}p"
+        if merchants:
+            policy = default_topic_rules()[topic].policy
+            share = "every record" if policy == "public" else f"1/{merchants} of the records"
+            name = (f"{clients} sessions of {merchants} merchants (token), {rate / 1000:.0f}k msg/s, {partitions}p, "
+                    f"{topic} ({policy}: {share} to each)")
+            key += f"_{merchants}m_{topic}"
+        details[key] = result
         targets = fanout.targets_for(clients, rate)
         ratios = []
         if targets.p99_ms is not None:
@@ -78,10 +88,17 @@ def fanout_rows(steps: list[tuple[int, float, int]], details: dict) -> list[Row]
             ratios.append(result["cpu"]["proxy"] / targets.proxy_cpu)
         if targets.peak_rss_mb is not None:
             ratios.append(result["proxy_peak_rss_mb"] / targets.peak_rss_mb)
-        rows.append(Row(f"{clients} clients, {rate / 1000:.0f}k msg/s, {partitions}p", fanout.describe(result),
+        rows.append(Row(name, fanout.describe(result),
                         ", ".join(result["checks"]), max(ratios) if ratios else None, verdict(result["passed"]),
                         result["cpu"], result["proxy_us_per_ingested"], result["proxy_us_per_delivered"]))
     return rows
+
+
+def merchant_rows(details: dict) -> list[Row]:
+    """Token mode next to the open row "100 clients, 1k msg/s, 4p": 100 sessions of 20 merchants,
+    records into a public topic (every session gets each, as in open mode), then an owner one."""
+    return [row for topic in fanout.MERCHANT_TOPICS
+            for row in fanout_rows([(100, 1000, 4)], details, merchants=fanout.MERCHANTS, topic=topic)]
 
 
 def burst_rows(details: dict) -> list[Row]:
@@ -188,6 +205,7 @@ def plan(quick: bool) -> dict[str, typing.Callable[[dict], list[Row]]]:
     return {
         "drain": lambda details: drain_rows(partitions, details),
         "fanout": lambda details: fanout_rows(steps, details),
+        "merchants": merchant_rows,
         "burst": burst_rows,
         "export": export_rows,
         "idle": idle_rows,

@@ -10,7 +10,8 @@ time of receipt: the latency of that message from producer to screen.
 Clients connect at --connect-rate sessions/s (0: all at once, non-blocking) when the process
 starts, or only on "GO" with --wait-for-go (a history burst started in several processes at the
 same moment). Each client also notes when its history was complete: --histories history messages
-and the end of the SockJS frame that carried the last one.
+and the end of the SockJS frame that carried the last one. With --tokens (token mode, websocket
+only) client i sends {"type": "auth", "token": <the i-th token, cycled>} right after its handshake.
 
 It prints "READY <clients>" once every session is open (with --wait-for-go: at once), then
 answers commands on stdin with one JSON line each:
@@ -127,11 +128,23 @@ class Session:
         return False
 
 
+def auth_frame(token: str) -> bytes:
+    """A masked websocket text frame (clients must mask) carrying the SockJS message {"type": "auth", ...}."""
+    payload = json.dumps([json.dumps({"type": "auth", "token": token})]).encode()
+    if len(payload) >= 65536:
+        raise ValueError("token too long for this load client")
+    size = len(payload)
+    length = bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    mask = os.urandom(4)
+    return b"\x81" + length + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
 class WebSocketSession(Session):
     """SockJS over a raw websocket: walks frame headers, skips payloads."""
 
-    def __init__(self, port: int, path: str, sampled: bool):
+    def __init__(self, port: int, path: str, sampled: bool, token: str | None = None):
         super().__init__(port, path, sampled)
+        self.auth = auth_frame(token) if token is not None else b""  # sent once the handshake is answered
         self.handshaken = False
         self.head = b""
         self.remaining = 0  # payload bytes of the current frame still to come
@@ -157,6 +170,8 @@ class WebSocketSession(Session):
                 self.closed = True
                 return False
             self.handshaken = self.opened = True
+            if self.auth:
+                self.sock.sendall(self.auth)
         self.bytes += len(data)
         self.count(data)
         self._walk_frames(data)
@@ -322,12 +337,16 @@ class HttpSession(Session):
 class LoadProcess:
     """The sessions of this process, their epoll loop and the stdin commands."""
 
-    def __init__(self, port: int, count: int, transport: str, prefix: str, sample: int, histories: int):
-        make = {"websocket": lambda path, sampled: WebSocketSession(port, path, sampled),
-                "xhr_streaming": lambda path, sampled: HttpSession(port, path, sampled, "xhr_streaming"),
-                "xhr": lambda path, sampled: HttpSession(port, path, sampled, "xhr")}[transport]
+    def __init__(self, port: int, count: int, transport: str, prefix: str, sample: int, histories: int,
+                 tokens: list[str] | None = None):
+        if tokens and transport != "websocket":
+            raise ValueError("--tokens: websocket only")
+        make = {"websocket": lambda path, sampled, token: WebSocketSession(port, path, sampled, token),
+                "xhr_streaming": lambda path, sampled, _: HttpSession(port, path, sampled, "xhr_streaming"),
+                "xhr": lambda path, sampled, _: HttpSession(port, path, sampled, "xhr")}[transport]
         tag = os.urandom(4).hex()
-        self.sessions = [make(f"{prefix}/000/{tag}{number:05d}", number < sample) for number in range(count)]
+        self.sessions = [make(f"{prefix}/000/{tag}{number:05d}", number < sample,
+                              tokens[number % len(tokens)] if tokens else None) for number in range(count)]
         for session in self.sessions:
             session.expected_histories = histories
         self.poller = select.epoll()
@@ -457,7 +476,8 @@ def percentiles(values: list[float]) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    load = LoadProcess(args.port, args.clients, args.transport, args.prefix, args.sample, args.histories)
+    load = LoadProcess(args.port, args.clients, args.transport, args.prefix, args.sample, args.histories,
+                       [token for token in args.tokens.split(",") if token])
     if not args.wait_for_go:
         load.start_opening(args.connect_rate)
         deadline = time.monotonic() + max(60.0, 2 * args.clients / max(args.connect_rate, 1.0))
@@ -517,6 +537,8 @@ def main() -> None:
     parser.add_argument("--connect-rate", type=float, default=0.0, help="sessions opened per second (0: all at once)")
     parser.add_argument("--histories", type=int, default=0, help="history messages that make a history complete")
     parser.add_argument("--wait-for-go", action="store_true", help="connect only on the GO command")
+    parser.add_argument("--tokens", default="",
+                        help="comma-separated: client i authenticates with the i-th (cycled); websocket only")
     run(parser.parse_args())
 
 
