@@ -59,7 +59,7 @@ class LiveConfig:
     max_session_queue_bytes: int = 4 * 1024 * 1024
     max_queued_bytes: int = 256 * 1024 * 1024
     slow_client_timeout: float = 5.0
-    flush_interval: float = 0.005
+    flush_interval: float = 0.01
     streaming_response_limit: int = 8 * 1024 * 1024
     max_message_bytes: int = 64 * 1024
     heartbeat_interval: float = 25.0

@@ -25,6 +25,8 @@ from sockjs.tornado.util import bytes_to_str
 
 log = logging.getLogger("proxy.live")
 
+# Websocket frames from this size on are written without a copy (header and payload apart).
+ZERO_COPY_FROM = 64 * 1024
 # Close of a session whose connection broke (as sockjs-tornado's polling transports say it).
 CONNECTION_INTERRUPTED = (1002, "Connection interrupted")
 
@@ -110,6 +112,10 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
         else:
             header = struct.pack("!BBQ", 0x81, 127, size)
         try:
+            if size < ZERO_COPY_FROM:
+                # Small frames: one send is cheaper than two (the socket has TCP_NODELAY, so two
+                # writes are two packets) and the copy costs next to nothing.
+                return connection.stream.write(header + payload)
             connection.stream.write(header)
             return connection.stream.write(payload)
         except tornado.iostream.StreamClosedError:
