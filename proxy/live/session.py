@@ -22,6 +22,9 @@ if typing.TYPE_CHECKING:
 # A write takes at most this much of a session's queue (at least one chunk), so a write completes
 # quickly and the session's progress is seen at a fine grain.
 MAX_FRAME_BYTES = 1024 * 1024
+# A session with this much queued when its write completes writes again at once (a reader
+# draining a backlog); with less, it waits for the flush tick and shares its frame.
+BEHIND_BYTES = 64 * 1024
 
 
 def drop_if_lost(handler: typing.Any) -> bool:
@@ -150,7 +153,11 @@ class LiveSession(Session):
         if future is not None and future.exception() is not None:
             return  # the connection is gone; the sweep or on_close drops the session
         self.hub.settle(self)
-        if self._chunks:
+        if self.queued_bytes >= BEHIND_BYTES and self.writable():
+            # A backlog piled up during the write: send it now rather than at the tick (a session
+            # this far behind is out of step with the others, so there is no frame to share).
+            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
+        elif self._chunks:
             self.hub.mark_dirty(self)
 
     def _heartbeat(self) -> None:
