@@ -23,7 +23,7 @@ SLOW_SESSIONS_DROPPED = Counter(
     "Sessions closed because they stayed too far behind (their own limit, or the total budget)",
     registry=REGISTRY)
 LIVE_QUEUED_BYTES = Gauge(
-    "proxy_live_queued_bytes", "Bytes queued or in flight to SockJS sessions, all sessions together",
+    "proxy_live_queued_bytes", "Bytes queued or in flight to SockJS sessions, each shared chunk counted once",
     registry=REGISTRY)
 INGEST_BACKPRESSURE_SECONDS = Counter(
     "proxy_ingest_backpressure_seconds_total",

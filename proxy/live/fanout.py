@@ -73,12 +73,14 @@ class LiveHub:
         self._connections: set[LiveConnection] = set()
         self._dirty: set[LiveSession] = set()
         self._tick_scheduled = False
-        # Bytes queued or in flight over all sessions, and the sessions over their own limit.
-        self.queued_bytes = 0
+        # The sessions over their own limit.
         self._over_limit: set[LiveSession] = set()
         self._over_budget_since: float | None = None
-        # Read when /metrics is scraped: account() runs twice per session per write.
-        metrics.LIVE_QUEUED_BYTES.set_function(lambda: self.queued_bytes)
+        # The memory all queues hold: each shared chunk counted once (id -> [chunk, holders]).
+        self._holds: dict[int, list[typing.Any]] = {}
+        self.held_bytes = 0
+        # Read when /metrics is scraped: it changes twice per session per write.
+        metrics.LIVE_QUEUED_BYTES.set_function(lambda: self.held_bytes)
         self._sweeper: tornado.ioloop.PeriodicCallback | None = None
         self._io_loop: tornado.ioloop.IOLoop | None = None
 
@@ -219,8 +221,7 @@ class LiveHub:
     # ---- memory bounds -----------------------------------------------------------------------
 
     def account(self, session: LiveSession, added: int) -> None:
-        """Track queued bytes; judge the session and the whole process against their limits."""
-        self.queued_bytes += added
+        """The session's pending bytes changed: schedule its write, judge it against its limit."""
         if added <= 0:
             return
         self.mark_dirty(session)
@@ -237,9 +238,32 @@ class LiveHub:
             self._over_limit.discard(session)
             session.over_limit_since = None
 
+    def hold(self, chunks: list[bytes]) -> None:
+        """A session queued these chunks: count each object's bytes once, however many hold it."""
+        holds = self._holds
+        for chunk in chunks:
+            entry = holds.get(id(chunk))
+            if entry is None:
+                holds[id(chunk)] = [chunk, 1]
+                self.held_bytes += len(chunk)
+            else:
+                entry[1] += 1
+
+    def release(self, chunks: list[bytes]) -> None:
+        """A session is done with these chunks (written, or closed)."""
+        holds = self._holds
+        for chunk in chunks:
+            entry = holds.get(id(chunk))
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if not entry[1]:
+                del holds[id(chunk)]
+                self.held_bytes -= len(chunk)
+
     def congested(self) -> bool:
         """Whether ingest should wait: a session, or all of them, is too far behind (thread-safe read)."""
-        return bool(self._over_limit) or self.queued_bytes > self.limits.max_queued_bytes
+        return bool(self._over_limit) or self.held_bytes > self.limits.max_queued_bytes
 
     def sweep(self) -> None:
         """Every second: drop sessions whose connection died, close sessions that stopped keeping up."""
@@ -250,7 +274,7 @@ class LiveHub:
         # Over the limit and no write completed for a while: the client stopped reading.
         for session in [s for s in self._over_limit if s.stalled_for(now) > timeout]:
             self._close_slow(session)
-        if self.queued_bytes > self.limits.max_queued_bytes:
+        if self.held_bytes > self.limits.max_queued_bytes:
             if self._over_budget_since is None:
                 self._over_budget_since = now
             elif now - self._over_budget_since > timeout:
@@ -262,7 +286,7 @@ class LiveHub:
         sessions = sorted((conn.session for conn in self._connections), key=lambda s: s.pending_bytes, reverse=True)
         target = self.limits.max_queued_bytes * 0.9
         for session in sessions:
-            if self.queued_bytes <= target or not session.pending_bytes:
+            if self.held_bytes <= target or not session.pending_bytes:
                 break
             self._close_slow(session)
         self._over_budget_since = None

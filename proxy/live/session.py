@@ -46,6 +46,7 @@ class LiveSession(Session):
         self.hub: LiveHub = server.settings["hub"]
         self.queued_bytes = 0      # waiting in _chunks
         self.in_flight_bytes = 0   # handed to the socket, not yet sent
+        self._in_flight_chunks: list[bytes] = []
         self._writing = False
         self._write_future: typing.Any = None
         self.over_limit_since: float | None = None
@@ -75,6 +76,7 @@ class LiveSession(Session):
         if self.is_closed or not chunks:
             return
         self._chunks.extend(chunks)
+        self.hub.hold(chunks)
         added = sum(map(len, chunks))
         self.queued_bytes += added
         self.hub.account(self, added)
@@ -94,6 +96,7 @@ class LiveSession(Session):
             chunks, self._chunks = self._chunks[:count], self._chunks[count:]
         self.in_flight_bytes += taken
         self.queued_bytes -= taken
+        self._in_flight_chunks.extend(chunks)
         return chunks
 
     def writable(self) -> bool:
@@ -150,6 +153,8 @@ class LiveSession(Session):
         self.write_started = None
         self.hub.account(self, -self.in_flight_bytes)
         self.in_flight_bytes = 0
+        self.hub.release(self._in_flight_chunks)
+        self._in_flight_chunks = []
         if future is not None and future.exception() is not None:
             return  # the connection is gone; the sweep or on_close drops the session
         self.hub.settle(self)
@@ -178,6 +183,8 @@ class LiveSession(Session):
     def close(self, code: int = 3000, message: str = "Go away!") -> None:
         if self._chunks or self.in_flight_bytes:
             self.hub.account(self, -self.pending_bytes)
-        self._chunks, self.queued_bytes, self.in_flight_bytes = [], 0, 0
+        self.hub.release(self._chunks)
+        self.hub.release(self._in_flight_chunks)
+        self._chunks, self._in_flight_chunks, self.queued_bytes, self.in_flight_bytes = [], [], 0, 0
         self.hub.settle(self)
         super().close(code, message)
