@@ -262,15 +262,17 @@ def test_unticking_a_topic_stops_its_updates(broker, proxy, dashboard):
     subscribed = wait_until(lambda: dashboard.sent({"type": "subscribe", "topics": others}), 2,
                             message="the subscribe message")
     count = dashboard.topics()["buyOffer"]["count"]
-    sales = {k: v for k, v in dashboard.charts()["pricing"]["counts"].items() if k.startswith("sale:")}
-    produce(broker.bootstrap_servers, "buyOffer", [sale(probe_id(), 1, 5.0)])
+    probe = probe_id()
+    produce(broker.bootstrap_servers, "buyOffer", [sale(probe, 1, 5.0)])
     situations = dashboard.topics()["marketSituation"]["live"]
     wait_until(lambda: dashboard.topics()["marketSituation"]["live"] >= situations + 40, 10,
                message="other topics to keep flowing")
 
     paused = dashboard.topics()["buyOffer"]
     assert (paused["count"], paused["rate"], paused["enabled"]) == (count, 0, False)
-    assert {k: v for k, v in dashboard.charts()["pricing"]["counts"].items() if k.startswith("sale:")} == sales
+    # Records already on their way when the box was unticked may still be drawn; the probe, sent
+    # after it, never is.
+    assert not [k for k in dashboard.charts()["pricing"]["counts"] if k.startswith(f"sale:{probe}")]
     assert "disabled" in dashboard.page.locator('section.records-card[data-topic="buyOffer"]').get_attribute("class")
     # The server answers with one history per listed topic, and sends no buyOffer record after those.
     later = [m for way, m in dashboard.wire[subscribed:] if way == "received"]
