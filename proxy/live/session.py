@@ -36,7 +36,6 @@ def drop_if_lost(handler: typing.Any) -> bool:
     return False
 
 
-
 class LiveSession(Session):
     """A SockJS session whose queue holds shared chunks, with one write in flight at a time."""
 
