@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.processes import (  # noqa: E402
     CpuMeter, LoadClients, MachineCpu, ProducerProcess, ProxyProcess, ResourceSampler, cpu_summary, format_cpu,
     group_cpu, log_problems, memory_kib, open_descriptors)
+from bench.sockjs_load import percentiles  # noqa: E402
 from proxy.config import default_topics  # noqa: E402
 from proxy.demo.broker import TansuBroker  # noqa: E402
 
@@ -101,17 +102,6 @@ class HealthProbe:
         durations = sorted(ms for at, _, ms in self.samples if at >= since)
         failures = [status for at, status, _ in self.samples if at >= since and status != 200]
         return percentiles(durations) | {"not_ok": len(failures), "statuses": sorted(set(failures))}
-
-
-def percentiles(values: list[float]) -> dict:
-    ordered = sorted(values)
-    if not ordered:
-        return {"count": 0}
-
-    def at(quantile: float) -> float:
-        return ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
-
-    return {"count": len(ordered), "p50": at(0.5), "p99": at(0.99), "max": ordered[-1]}
 
 
 def sessions_open(proxy: typing.Any) -> int:

@@ -24,7 +24,7 @@ def test_line_and_paragraph_separators_are_escaped_for_old_transports():
 
 def test_a_live_message_is_the_envelope_inside_a_message_object():
     envelope = wire.render_envelope(wire.envelope_prefix("t"), 1, 2, 3, '{"k":"\u00e9"}')
-    message = json.loads(json.loads(wire.live_message(wire.topic_json("t"), envelope)))
+    message = json.loads(json.loads(wire.live_message("t", envelope)))
     assert message == {"type": "message", "topic": "t",
                        "message": {"topic": "t", "partition": 1, "offset": 2, "timestamp": 3, "value": {"k": "\u00e9"}}}
 

@@ -70,9 +70,10 @@ def message_prefix(topic: str) -> str:
     return '{"type":"message","topic":%s,"message":' % topic_json(topic)
 
 
-def live_message(topic_literal: str, envelope: str) -> bytes:
-    """The SockJS-quoted {"type": "message", ...} message of one envelope."""
-    return sockjs_quote_bytes('{"type":"message","topic":%s,"message":%s}' % (topic_literal, envelope))
+def live_message(topic: str, envelope: str) -> bytes:
+    """The SockJS-quoted {"type": "message", ...} message of one envelope (LiveHub.publish builds
+    the same text from message_prefix() for a whole batch)."""
+    return sockjs_quote_bytes(message_prefix(topic) + envelope + "}")
 
 
 def control_message(body: dict[str, typing.Any]) -> bytes:
