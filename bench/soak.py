@@ -31,7 +31,7 @@ import typing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.processes import (  # noqa: E402
-    CpuMeter, LoadClients, MachineCpu, ProducerProcess, ProxyProcess, ResourceSampler, cpu_summary, format_cpu,
+    CpuMeter, LoadClients, MachineCpu, ProducerProcess, Profiler, ProxyProcess, ResourceSampler, cpu_summary, format_cpu,
     group_cpu, log_problems, memory_kib, open_descriptors)
 from bench.sockjs_load import percentiles  # noqa: E402
 from proxy.config import default_topics  # noqa: E402
@@ -168,7 +168,8 @@ def run_soak(proxy: typing.Any, bootstrap: str, plan: SoakPlan, topic_suffix: st
         live_started = time.monotonic()
         for load in loads:
             load.ask("TIME ON")
-        produced = producer.result(plan.duration + 60, stop=False)  # it stops by itself after plan.duration
+        with Profiler(pid, "soak_live"):
+            produced = producer.result(plan.duration + 60, stop=False)  # it stops by itself after plan.duration
         live_seconds = time.monotonic() - live_started
         for load in loads:  # all wait at once: a session short of messages costs the deadline once
             load.send(f"UNTIL {load.clients * produced['produced']} {plan.drain_timeout}")

@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import struct
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +16,10 @@ import uuid
 import pytest
 import websocket
 
-from proxy.testing import SockJSClient, SockJSClosed, produce, unique_topics, wait_until
+from confluent_kafka import Producer
+
+from proxy.live.fanout import POLL_INTERVAL_MIN
+from proxy.testing import SockJSClient, SockJSClosed, parse_sockjs_frame, produce, unique_topics, wait_until
 
 TRANSPORTS = SockJSClient.TRANSPORTS
 
@@ -247,3 +251,38 @@ def test_a_streaming_client_is_not_sent_into_a_reconnect_cycle(broker, start_pro
         assert client.reconnects >= reconnects  # the setting is what decides (a response carries whole frames)
     else:
         assert client.reconnects == 0
+
+
+def test_polling_clients_are_answered_at_most_every_poll_interval_and_miss_nothing(broker, start_proxy, sockjs):
+    """Each poll answer costs a whole HTTP exchange: under a steady stream, answers are spaced by
+    the hub's poll interval and carry what gathered meanwhile, all of it, in order."""
+    (topic,) = unique_topics("buyOffer")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    client = sockjs(proxy.base, "xhr")
+    assert client.receive(1, timeout=30)[0]["type"] == "history"
+    total = 150
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 0})
+
+    def trickle() -> None:
+        for n in range(total):
+            producer.produce(topic, json.dumps({"n": n}).encode())
+            producer.poll(0)
+            time.sleep(0.01)  # pacing the producer: a steady stream, not a wait for a condition
+        producer.flush(30)
+
+    writer = threading.Thread(target=trickle)
+    writer.start()
+    answers: list[float] = []
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(seen) < total and time.monotonic() < deadline:
+        messages = [m for m in (parse_sockjs_frame(client._frame()) or []) if m.get("type") == "message"]
+        if messages:
+            answers.append(time.monotonic())
+            seen.extend(m["message"]["value"]["n"] for m in messages)
+    writer.join()
+    assert seen == list(range(total))
+    gaps = [later - earlier for earlier, later in zip(answers, answers[1:])]
+    assert len(answers) >= 5, answers
+    assert min(gaps) >= POLL_INTERVAL_MIN * 0.9, sorted(gaps)[:5]

@@ -1,9 +1,12 @@
 """Live fan-out over SockJS: history on open, then every new message, coalesced per write.
 
-Each message is SockJS-encoded once (LiveHub.publish); sessions hold references to shared,
-pre-encoded chunks (history frames, live batches), never private copies. A flush tick writes
-every session that has something queued and no write in flight; sessions whose queues hold the
-same chunks share one frame object, written to each socket without a copy.
+Batches from Kafka wait for the next flush tick, which fans out everything that arrived since the
+last one: each message is SockJS-encoded once per view (LiveHub._fan_out), and each session gets
+one reference per tick to shared, pre-encoded chunks (history frames, live batches), never a
+private copy. The tick then writes every session that has something queued and no write in
+flight; sessions whose queues hold the same chunks share one frame object, written to each socket
+without a copy. The next tick waits at least as long as the last one took, so at any number of
+sessions the fan-out leaves half of the IOLoop to everything else and frames grow instead.
 
 Memory is bounded per session and for the whole process, and a client that reads at full speed
 is never closed: when a session falls more than `max_session_queue_bytes` behind (or all sessions
@@ -43,6 +46,15 @@ SHUTDOWN_CLOSE = (3000, "server shutting down")
 SWEEP_INTERVAL = 1.0
 # A session this many times its limit behind reads slower than the stream: closed at once.
 HARD_LIMIT_FACTOR = 4
+# Records waiting for the next flush tick beyond which ingest waits (a tick fans out at most this
+# many plus one Kafka batch).
+MAX_PENDING_RECORDS = 20_000
+# Polling sessions (one HTTP request per answer) are answered at most every poll_interval: at
+# least POLL_INTERVAL_MIN, and long enough that all of them together cost about
+# POLL_ANSWERS_PER_SECOND requests (200 polling sessions: one answer each per 0.2 s).
+POLL_INTERVAL_MIN = 0.05
+POLL_ANSWERS_PER_SECOND = 1000
+POLL_INTERVAL_MAX = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +85,9 @@ class LiveHub:
         self._connections: set[LiveConnection] = set()
         self._dirty: set[LiveSession] = set()
         self._tick_scheduled = False
+        self._tick_cost = 0.0  # seconds the last flush tick took
+        # Records from Kafka since the last tick, fanned out together at the next one.
+        self._pending: list[LiveRecord] = []
         # The sessions over their own limit.
         self._over_limit: set[LiveSession] = set()
         self._over_budget_since: float | None = None
@@ -81,6 +96,7 @@ class LiveHub:
         self.held_bytes = 0
         # Read when /metrics is scraped: it changes twice per session per write.
         metrics.LIVE_QUEUED_BYTES.set_function(lambda: self.held_bytes)
+        self.poll_interval = POLL_INTERVAL_MIN
         self._sweeper: tornado.ioloop.PeriodicCallback | None = None
         self._io_loop: tornado.ioloop.IOLoop | None = None
 
@@ -155,7 +171,19 @@ class LiveHub:
             metrics.MESSAGES_DELIVERED.inc(count)
 
     def publish(self, batch: list[LiveRecord]) -> None:
-        """Append a batch to the histories and queue it for every session, encoded once."""
+        """Queue a batch from Kafka: the next flush tick appends it to the histories and fans it out,
+        together with every other batch that arrived meanwhile (per-session work is per tick, not
+        per Kafka batch)."""
+        if not batch:
+            return
+        self._pending.extend(batch)
+        if self._io_loop is None:
+            self._flush_tick()  # no router yet (nothing to write to): keep the histories current
+        else:
+            self._schedule_tick()
+
+    def _fan_out(self, batch: list[LiveRecord]) -> None:
+        """Append records to the histories and queue them for every session, encoded once per view."""
         by_topic: dict[str, list[str]] = {}
         for topic, _, envelope in batch:
             by_topic.setdefault(topic, []).append(envelope)
@@ -193,16 +221,27 @@ class LiveHub:
     def mark_dirty(self, session: LiveSession) -> None:
         """The session has something to write: include it in the next flush tick."""
         self._dirty.add(session)
-        if not self._tick_scheduled and self._io_loop is not None:
-            self._tick_scheduled = True
-            delay = self.limits.flush_interval
-            if delay > 0:
-                self._io_loop.call_later(delay, self._flush_tick)
-            else:
-                self._io_loop.add_callback(self._flush_tick)
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        if self._tick_scheduled or self._io_loop is None:
+            return
+        self._tick_scheduled = True
+        # The next tick waits at least as long as the last one took: however many sessions there
+        # are, ticks take at most about half of the IOLoop, and frames grow instead.
+        delay = max(self.limits.flush_interval, self._tick_cost)
+        if delay > 0:
+            self._io_loop.call_later(delay, self._flush_tick)
+        else:
+            self._io_loop.add_callback(self._flush_tick)
 
     def _flush_tick(self) -> None:
-        """Write every session that can take a write; equal queues share one frame object."""
+        """Fan out what arrived since the last tick, then write every session that can take a
+        write; equal queues share one frame object."""
+        started = time.monotonic()
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._fan_out(batch)  # sessions it makes dirty are written below, not at another tick
         self._tick_scheduled = False
         dirty, self._dirty = self._dirty, set()
         frames: dict[tuple[int, ...], bytes] = {}
@@ -217,6 +256,7 @@ class LiveHub:
             if frame is None:
                 frame = frames[key] = b"".join((b"a[", b",".join(chunks), b"]"))
             session.write(frame)
+        self._tick_cost = time.monotonic() - started
 
     # ---- memory bounds -----------------------------------------------------------------------
 
@@ -263,13 +303,17 @@ class LiveHub:
 
     def congested(self) -> bool:
         """Whether ingest should wait: a session, or all of them, is too far behind (thread-safe read)."""
-        return bool(self._over_limit) or self.held_bytes > self.limits.max_queued_bytes
+        return (bool(self._over_limit) or self.held_bytes > self.limits.max_queued_bytes
+                or len(self._pending) > MAX_PENDING_RECORDS)
 
     def sweep(self) -> None:
         """Every second: drop sessions whose connection died, close sessions that stopped keeping up."""
         now = time.monotonic()
+        polling = 0
         for conn in list(self._connections):
             drop_if_lost(conn.session.handler)
+            polling += conn.session.polling
+        self.poll_interval = min(POLL_INTERVAL_MAX, max(POLL_INTERVAL_MIN, polling / POLL_ANSWERS_PER_SECOND))
         timeout = self.limits.slow_client_timeout
         # Over the limit and no write completed for a while: the client stopped reading.
         for session in [s for s in self._over_limit if s.stalled_for(now) > timeout]:

@@ -25,6 +25,8 @@ MAX_FRAME_BYTES = 1024 * 1024
 # A session with this much queued when its write completes writes again at once (a reader
 # draining a backlog); with less, it waits for the flush tick and shares its frame.
 BEHIND_BYTES = 64 * 1024
+# Transports that take one HTTP request per answer: answered at most every hub.poll_interval.
+POLLING_TRANSPORTS = frozenset({"xhr", "jsonp"})
 
 
 def drop_if_lost(handler: typing.Any) -> bool:
@@ -52,6 +54,14 @@ class LiveSession(Session):
         # When the write now in flight started (None: none is); a write that does not complete
         # means the client does not read.
         self.write_started: float | None = None
+        # Polling transports: when the next answer may go out, and whether a timer waits for it.
+        self.next_answer_at = 0.0
+        self._answer_timer = False
+
+    @property
+    def polling(self) -> bool:
+        """Whether the client polls (one HTTP request per answer, so answers are spaced out)."""
+        return getattr(self, "transport_name", None) in POLLING_TRANSPORTS
 
     # sockjs-tornado's transports look at send_queue to decide whether to flush at once.
     @property  # type: ignore[override]
@@ -100,7 +110,29 @@ class LiveSession(Session):
 
     def writable(self) -> bool:
         handler = self.handler
-        return bool(self._chunks) and handler is not None and handler.active and not self._writing
+        if not (self._chunks and handler is not None and handler.active and not self._writing):
+            return False
+        return not self.polling or self._answer_due()
+
+    def _answer_due(self) -> bool:
+        """A polling session may be answered now; if not, a timer flushes it when it may.
+
+        Each answer costs the client a new request and the proxy a whole HTTP exchange, so polls
+        are answered at most every hub.poll_interval (which grows with the number of polling
+        sessions): their messages gather meanwhile and cost one request.
+        """
+        wait = self.next_answer_at - time.monotonic()
+        if wait <= 0:
+            return True
+        if not self._answer_timer:
+            self._answer_timer = True
+            self.server.io_loop.call_later(wait, self._answer)
+        return False
+
+    def _answer(self) -> None:
+        self._answer_timer = False
+        if not self.is_closed:
+            self.flush()
 
     def stalled_for(self, now: float) -> float:
         """Seconds the client has not taken data it could have: a write in flight, or (no
@@ -112,29 +144,39 @@ class LiveSession(Session):
         return 0.0
 
     def write(self, frame: bytes) -> None:
-        """Send one SockJS frame (b'a[...]') built from take()n chunks."""
-        handler = self.handler
-        self.write_started = time.monotonic()
-        if isinstance(handler, LiveWebSocketTransport):
-            try:
-                future = handler.write_frame(frame)
-            except tornado.websocket.WebSocketClosedError:
-                self._write_finished(None)
-                self.server.io_loop.add_callback(handler.drop)
-                return
-            self._writing = True
-            self._write_future = future
-            future.add_done_callback(self._write_finished)
-        else:
-            # HTTP transports mark themselves inactive until the write is flushed, then call
-            # flush() again; the write counts as done then.
-            send_frame = getattr(handler, "send_frame", None)
-            if send_frame is not None:
-                send_frame(frame)
+        """Send one SockJS frame (b'a[...]') built from take()n chunks; while the socket takes
+        writes at once and a backlog is queued, go on with the next frame."""
+        while True:
+            handler = self.handler
+            self.write_started = time.monotonic()
+            if isinstance(handler, LiveWebSocketTransport):
+                try:
+                    future = handler.write_frame(frame)
+                except tornado.websocket.WebSocketClosedError:
+                    self._finish_write(None)
+                    self.server.io_loop.add_callback(handler.drop)
+                    return
+                if future is not None:
+                    self._writing = True
+                    self._write_future = future
+                    future.add_done_callback(self._write_finished)
+                    return
+                self._finish_write(None)  # the socket took it all
             else:
-                handler.send_pack(frame.decode())
-            self._write_finished(None)
-            self.write_started = time.monotonic()  # until the transport calls flush() again
+                # HTTP transports mark themselves inactive until the write is flushed, then call
+                # flush() again; the write counts as done then.
+                send_frame = getattr(handler, "send_frame", None)
+                if send_frame is not None:
+                    send_frame(frame)
+                else:
+                    handler.send_pack(frame.decode())
+                self._finish_write(None)
+                self.write_started = time.monotonic()  # until the transport calls flush() again
+                if self.polling:
+                    self.next_answer_at = self.write_started + self.hub.poll_interval
+            if not self._write_again():
+                return
+            frame = b"".join((b"a[", b",".join(self.take()), b"]"))
 
     def flush(self) -> None:
         """Write what is queued now, if a transport can take it (sockjs-tornado calls this when a
@@ -145,8 +187,14 @@ class LiveSession(Session):
             self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
 
     def _write_finished(self, future: typing.Any) -> None:
-        if future is not None and future is not self._write_future:
+        """A write that waited for the socket completed (or failed)."""
+        if future is not self._write_future or not self._finish_write(future):
             return
+        if self._write_again():
+            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
+
+    def _finish_write(self, future: typing.Any) -> bool:
+        """Account for the write in flight being done; False if it failed (connection gone)."""
         self._writing = False
         self._write_future = None
         self.write_started = None
@@ -155,14 +203,18 @@ class LiveSession(Session):
         self.hub.release(self._in_flight_chunks)
         self._in_flight_chunks = []
         if future is not None and future.exception() is not None:
-            return  # the connection is gone; the sweep or on_close drops the session
+            return False  # the connection is gone; the sweep or on_close drops the session
         self.hub.settle(self)
+        return True
+
+    def _write_again(self) -> bool:
+        """After a write: whether to write the next frame now (a backlog piled up: out of step
+        with the others, there is no frame to share); otherwise the next tick takes the rest."""
         if self.queued_bytes >= BEHIND_BYTES and self.writable():
-            # A backlog piled up during the write: send it now rather than at the tick (a session
-            # this far behind is out of step with the others, so there is no frame to share).
-            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
-        elif self._chunks:
+            return True
+        if self._chunks:
             self.hub.mark_dirty(self)
+        return False
 
     def _heartbeat(self) -> None:
         if not drop_if_lost(self.handler):

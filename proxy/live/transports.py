@@ -8,7 +8,9 @@
   fail drop it at once, and LiveHub sweeps the rest every second.
 - Malformed client input (non-SockJS frames, invalid JSON or UTF-8, oversized xhr_send bodies) is
   the client's error: one log line, a 4xx, no traceback.
-- Websocket frames are written without copying the shared payload per session (`write_frame`).
+- Live frames go straight to the socket when nothing is queued before them (`send_now`): one
+  `sendmsg` per frame, no copy of the shared payload per session, no future and no callback
+  round when the socket takes it all (nearly always: it is the cost that grows with sessions).
 """
 
 from __future__ import annotations
@@ -29,6 +31,34 @@ log = logging.getLogger("proxy.live")
 ZERO_COPY_FROM = 64 * 1024
 # Close of a session whose connection broke (as sockjs-tornado's polling transports say it).
 CONNECTION_INTERRUPTED = (1002, "Connection interrupted")
+
+
+def send_now(stream: tornado.iostream.IOStream, parts: tuple[bytes, ...]) -> typing.Any:
+    """Write parts to the stream's socket now; None when it took them all, else the future of
+    the rest, queued on the stream (Tornado writes it as the socket drains).
+
+    Only when nothing is waiting in the stream's buffer (order is kept); TLS streams, or a stream
+    with queued data, take the normal path. Raises StreamClosedError when the connection is gone.
+    """
+    if stream.closed():
+        raise tornado.iostream.StreamClosedError()
+    sent = 0
+    if not isinstance(stream, tornado.iostream.SSLIOStream) and not stream.writing():
+        try:
+            sent = stream.socket.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            stream.close(exc_info=exc)
+            raise tornado.iostream.StreamClosedError(real_error=exc) from None
+    future = None
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+            continue
+        future = stream.write(memoryview(part)[sent:] if sent else part)
+        sent = 0
+    return future
 
 
 class _Droppable:
@@ -93,13 +123,12 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
         if future.exception() is not None:
             self.server.io_loop.add_callback(self.on_close)
 
-    def write_frame(self, payload: bytes) -> typing.Awaitable[None]:
-        """Send payload as one text frame, handing the same bytes object to the socket buffer.
+    def write_frame(self, payload: bytes) -> typing.Any:
+        """Send payload as one text frame; None when the socket took it at once, else a future.
 
-        Tornado's write_message copies header and payload into a new bytes object per
-        connection; a history burst to 200 clients would copy 100 MB. The IOStream keeps large
-        buffers by reference, so the shared frame is written without a copy.
-        Raises WebSocketClosedError when the connection is gone.
+        The same bytes object goes to every session's socket (Tornado's write_message copies
+        header and payload into a new object per connection; a history burst to 200 clients
+        would copy 100 MB). Raises WebSocketClosedError when the connection is gone.
         """
         connection = self.ws_connection
         if connection is None or connection.is_closing():
@@ -111,13 +140,10 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
             header = struct.pack("!BBH", 0x81, 126, size)
         else:
             header = struct.pack("!BBQ", 0x81, 127, size)
+        # Small frames: one buffer (a copy that costs next to nothing); large ones: two, no copy.
+        parts = (header + payload,) if size < ZERO_COPY_FROM else (header, payload)
         try:
-            if size < ZERO_COPY_FROM:
-                # Small frames: one send is cheaper than two (the socket has TCP_NODELAY, so two
-                # writes are two packets) and the copy costs next to nothing.
-                return connection.stream.write(header + payload)
-            connection.stream.write(header)
-            return connection.stream.write(payload)
+            return send_now(connection.stream, parts)
         except tornado.iostream.StreamClosedError:
             raise tornado.websocket.WebSocketClosedError() from None
 
@@ -141,14 +167,33 @@ class _HttpTransport(_Droppable):
 
 
     def _send_parts(self, parts: tuple[bytes, ...]) -> None:
-        """Write a data frame as bytes (sockjs-tornado's send_pack decodes and re-encodes it)."""
+        """Write a data frame as bytes (sockjs-tornado's send_pack decodes and re-encodes it);
+        inside a chunked response already under way, as one chunk straight to the socket."""
         self.active = False  # type: ignore[attr-defined]
         try:
+            if self._streaming_idle():
+                chunk = (b"%x\r\n" % sum(map(len, parts)), *parts, b"\r\n")
+                future = send_now(self.request.connection.stream, chunk)
+                if future is None:
+                    self.server.io_loop.add_callback(self.send_complete)  # type: ignore[attr-defined]
+                else:
+                    future.add_done_callback(self.send_complete)
+                return
             for part in parts:
                 self.write(part)  # type: ignore[attr-defined]
             self.flush().add_done_callback(self.send_complete)  # type: ignore[attr-defined]
         except tornado.iostream.StreamClosedError:
             self.drop()
+
+    def _streaming_idle(self) -> bool:
+        """A chunked response whose headers are out and nothing of it waits to be written: a chunk
+        may go to the socket directly, bypassing Tornado's per-write machinery."""
+        connection = self.request.connection
+        pending = getattr(connection, "_pending_write", None)
+        return (self._headers_written and not self._write_buffer  # type: ignore[attr-defined]
+                and getattr(connection, "_chunking_output", False)
+                and getattr(connection, "_expected_content_remaining", None) is None
+                and (pending is None or pending.done()))
 
 
 class LiveXhrStreamingTransport(_HttpTransport, transports.XhrStreamingTransport):
