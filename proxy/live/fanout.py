@@ -49,6 +49,9 @@ HARD_LIMIT_FACTOR = 4
 # Records waiting for the next flush tick beyond which ingest waits (a tick fans out at most this
 # many plus one Kafka batch).
 MAX_PENDING_RECORDS = 20_000
+# Frames kept for sharing between ticks, at most (beyond, and at every tick, the cache starts over).
+MAX_SHARED_FRAMES = 1000
+MAX_SHARED_FRAME_BYTES = 32 * 1024 * 1024
 # Polling sessions (one HTTP request per answer) are answered at most every poll_interval: at
 # least POLL_INTERVAL_MIN, and long enough that all of them together cost about
 # POLL_ANSWERS_PER_SECOND requests (200 polling sessions: one answer each per 0.2 s).
@@ -88,6 +91,9 @@ class LiveHub:
         self._tick_cost = 0.0  # seconds the last flush tick took
         # Records from Kafka since the last tick, fanned out together at the next one.
         self._pending: list[LiveRecord] = []
+        # Frames built since the last tick, by the ids of their chunks (see frame()).
+        self._frames: dict[tuple[int, ...], tuple[bytes, list[bytes]]] = {}
+        self._frame_bytes = 0
         # The sessions over their own limit.
         self._over_limit: set[LiveSession] = set()
         self._over_budget_since: float | None = None
@@ -243,20 +249,31 @@ class LiveHub:
             batch, self._pending = self._pending, []
             self._fan_out(batch)  # sessions it makes dirty are written below, not at another tick
         self._tick_scheduled = False
+        self._clear_frames()
         dirty, self._dirty = self._dirty, set()
-        frames: dict[tuple[int, ...], bytes] = {}
-        keep_alive: list[list[bytes]] = []  # chunk ids must stay unique while they key `frames`
         for session in dirty:
-            if not session.writable():
-                continue  # a write in flight or no transport: it comes back when that changes
-            chunks = session.take()
-            keep_alive.append(chunks)
-            key = tuple(map(id, chunks))
-            frame = frames.get(key)
-            if frame is None:
-                frame = frames[key] = b"".join((b"a[", b",".join(chunks), b"]"))
-            session.write(frame)
+            if session.writable():  # if not: a write in flight or no transport; it comes back then
+                session.write(self.frame(session.take()))
         self._tick_cost = time.monotonic() - started
+
+    def frame(self, chunks: list[bytes]) -> bytes:
+        """The SockJS frame (b'a[...]') of these chunks; sessions writing the same chunks until
+        the next tick (a burst of connects getting the same histories, a tick's in-sync sessions)
+        share one object instead of joining a private copy each."""
+        key = tuple(map(id, chunks))
+        entry = self._frames.get(key)
+        if entry is None:
+            frame = b"".join((b"a[", b",".join(chunks), b"]"))
+            if self._frame_bytes + len(frame) > MAX_SHARED_FRAME_BYTES or len(self._frames) >= MAX_SHARED_FRAMES:
+                self._clear_frames()
+            # The entry keeps its chunks alive, so their ids cannot be reused while it is cached.
+            entry = self._frames[key] = (frame, chunks)
+            self._frame_bytes += len(frame)
+        return entry[0]
+
+    def _clear_frames(self) -> None:
+        self._frames.clear()
+        self._frame_bytes = 0
 
     # ---- memory bounds -----------------------------------------------------------------------
 

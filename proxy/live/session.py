@@ -176,7 +176,7 @@ class LiveSession(Session):
                     self.next_answer_at = self.write_started + self.hub.poll_interval
             if not self._write_again():
                 return
-            frame = b"".join((b"a[", b",".join(self.take()), b"]"))
+            frame = self.hub.frame(self.take())
 
     def flush(self) -> None:
         """Write what is queued now, if a transport can take it (sockjs-tornado calls this when a
@@ -184,14 +184,14 @@ class LiveSession(Session):
         self._pending_flush = False
         self.write_started = None
         if self.writable():
-            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
+            self.write(self.hub.frame(self.take()))
 
     def _write_finished(self, future: typing.Any) -> None:
         """A write that waited for the socket completed (or failed)."""
         if future is not self._write_future or not self._finish_write(future):
             return
         if self._write_again():
-            self.write(b"".join((b"a[", b",".join(self.take()), b"]")))
+            self.write(self.hub.frame(self.take()))
 
     def _finish_write(self, future: typing.Any) -> bool:
         """Account for the write in flight being done; False if it failed (connection gone)."""
@@ -224,7 +224,7 @@ class LiveSession(Session):
         """Close, but first send what is queued (e.g. the error that says why)."""
         handler = self.handler
         if self._chunks and handler is not None and not self.is_closed:
-            frame = b"".join((b"a[", b",".join(self.take()), b"]"))
+            frame = self.hub.frame(self.take())
             if isinstance(handler, LiveWebSocketTransport):
                 handler.send_pack(frame.decode())  # ordered before the close frame on the same stream
             elif handler.active:
