@@ -111,12 +111,14 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
         self.session.on_messages(decoded if isinstance(decoded, list) else (decoded,))
 
     def send_pack(self, message: str, binary: bool = False) -> None:
+        """sockjs-tornado's own frames (open, heartbeat, close): straight to the socket too."""
         try:
-            future = self.write_message(message, binary)
+            future = self.write_message(message, binary) if binary else self.write_frame(message.encode())
         except (OSError, tornado.websocket.WebSocketClosedError):
             self.server.io_loop.add_callback(self.on_close)
             return
-        future.add_done_callback(self._sent)
+        if future is not None:
+            future.add_done_callback(self._sent)
 
     def _sent(self, future: typing.Any) -> None:
         # Retrieved, so a write to a connection that died meanwhile is no "never retrieved" error.
