@@ -245,10 +245,12 @@ class LiveHub:
         """Fan out what arrived since the last tick, then write every session that can take a
         write; equal queues share one frame object."""
         started = time.monotonic()
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._fan_out(batch)  # sessions it makes dirty are written below, not at another tick
-        self._tick_scheduled = False
+        try:
+            if self._pending:
+                batch, self._pending = self._pending, []
+                self._fan_out(batch)  # sessions it makes dirty are written below, not at another tick
+        finally:
+            self._tick_scheduled = False  # whatever happened, the stream goes on at the next tick
         self._clear_frames()
         dirty, self._dirty = self._dirty, set()
         for session in dirty:
