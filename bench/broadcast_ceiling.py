@@ -6,12 +6,17 @@ in flight at a time. What the load clients count from it is what Tornado, loopba
 clients can move on this machine; the proxy cannot deliver more.
 
     python bench/broadcast_ceiling.py --port PORT --per-frame 100
+
+With --replay FILE (a JSON list of SockJS frames, e.g. the 13 history frames a proxy sent one
+client), each connection gets "o" and those frames, and nothing more: the ceiling of a connect
+burst (bench/history_burst.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -61,9 +66,29 @@ class BroadcastHandler(tornado.websocket.WebSocketHandler):
         written.add_done_callback(self.pump)
 
 
-async def serve(port: int, per_frame: int) -> None:
-    BroadcastHandler.frames = sockjs_frames(per_frame)
-    app = tornado.web.Application([(r"/live/([^/]+)/([^/]+)/websocket", BroadcastHandler)])
+class ReplayHandler(tornado.websocket.WebSocketHandler):
+    """Sends "o" and the recorded frames on open, then nothing (a client's history, say)."""
+
+    frames: list[str] = []
+
+    def check_origin(self, origin: str) -> bool:
+        return True
+
+    def open(self, *args: str) -> None:
+        self.write_message("o")
+        for frame in self.frames:
+            self.write_message(frame)
+
+
+async def serve(port: int, per_frame: int, replay: str | None = None) -> None:
+    if replay:
+        with open(replay, encoding="utf-8") as recorded:
+            ReplayHandler.frames = json.load(recorded)
+        handler: type = ReplayHandler
+    else:
+        BroadcastHandler.frames = sockjs_frames(per_frame)
+        handler = BroadcastHandler
+    app = tornado.web.Application([(r"/live/([^/]+)/([^/]+)/websocket", handler)])
     server = app.listen(port, "127.0.0.1")
     stopped = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
@@ -76,8 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--per-frame", type=int, default=100, help="messages per SockJS frame")
+    parser.add_argument("--replay", help="JSON list of SockJS frames each connection gets after 'o'")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.per_frame))
+    asyncio.run(serve(args.port, args.per_frame, args.replay))
 
 
 if __name__ == "__main__":

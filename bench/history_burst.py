@@ -14,18 +14,24 @@ Target (issue 10): 200 clients at once, p99 <= 100 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
+
+import websocket
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.processes import (  # noqa: E402
-    CpuMeter, LoadClients, MachineCpu, ProducerProcess, Profiler, ProxyProcess, cpu_summary, format_cpu, group_cpu,
-    memory_kib)
+    BENCH, ENV, CpuMeter, LoadClients, MachineCpu, ProducerProcess, Profiler, ProxyProcess, cpu_summary, format_cpu,
+    group_cpu, memory_kib)
 from proxy.config import default_topics  # noqa: E402
-from proxy.demo.broker import TansuBroker  # noqa: E402
+from proxy.demo.broker import TansuBroker, free_port, terminate  # noqa: E402
 
 TARGET_P99_MS = 100.0
 # Enough simulated market for 100 messages in each statistics topic (the rarest, ~1.7 % each).
@@ -39,44 +45,53 @@ def run(clients: int = 200, processes: int = 4, partitions: int = 4) -> dict:
         producer = ProducerProcess(broker.bootstrap_servers, None, rate=0, topics=topics, count=FILL_RECORDS).start()
         filled = producer.result(120, stop=False)
         proxy = ProxyProcess(broker.bootstrap_servers)
-        loads: list[LoadClients] = []
         try:
             proxy.start()
             history_bytes = history_size(proxy.port)
-            split = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
-            loads = [LoadClients(proxy.port, count, histories=len(topics), wait_for_go=True).start()
-                     for count in split if count]
-            pids = {"proxy": proxy.pid, "broker": broker.process.pid}
-            pids |= {f"clients{number}": load.pid for number, load in enumerate(loads)}
-            meter, machine = CpuMeter(pids).start(), MachineCpu().start()
-            started = time.monotonic()
-            with Profiler(proxy.pid, f"history-burst-{clients}c"):
-                for load in loads:
-                    load.send("GO")
-                answers = [load.line(90) for load in loads]
-            wall = time.monotonic() - started
-            cpu_seconds = meter.seconds()
-            cpu = cpu_summary(group_cpu(meter.stop(), "clients"), machine.stop())
+            frames = recorded_history(proxy.port, len(topics))
+            measured = burst(proxy.port, clients, processes, len(topics), {"proxy": proxy.pid, "broker": broker.process.pid},
+                             f"history-burst-{clients}c")
             memory = memory_kib(proxy.pid)
         finally:
-            for process in (*loads, proxy):
-                process.stop()
-    figures = [json.loads(answer) for answer in answers]
-    latencies = sorted(ms for figure in figures for ms in figure["history_ms"])
+            proxy.stop()
+    bare = ceiling(frames, clients, processes, len(topics))
+    p99 = measured["p99_ms"]
+    return {
+        "clients": clients, "processes": processes, "history_bytes": history_bytes, "records_filled": filled["produced"],
+        **measured, "proxy_cpu_ms_per_client": 1e3 * measured["cpu_seconds"]["proxy"] / max(measured["complete"], 1),
+        "proxy_peak_rss_mb": memory["peak"] * 1024 / 1e6, "target_ms": TARGET_P99_MS, "ratio": p99 / TARGET_P99_MS,
+        "ceiling": bare, "ratio_to_ceiling": p99 / bare["p99_ms"] if bare["complete"] else None,
+        "passed": measured["complete"] == clients and p99 <= TARGET_P99_MS,
+    }
+
+
+def burst(port: int, clients: int, processes: int, histories: int, pids: dict[str, int],
+          profile: str | None = None) -> dict:
+    """`clients` websocket clients in `processes` load processes connect on one GO; their figures."""
+    split = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    loads = [LoadClients(port, count, histories=histories, wait_for_go=True).start() for count in split if count]
+    try:
+        pids = pids | {f"clients{number}": load.pid for number, load in enumerate(loads)}
+        meter, machine = CpuMeter(pids).start(), MachineCpu().start()
+        started = time.monotonic()
+        with Profiler(pids["proxy"], profile) if profile else contextlib.nullcontext():
+            for load in loads:
+                load.send("GO")
+            answers = [load.line(90) for load in loads]
+        wall = time.monotonic() - started
+        cpu_seconds = meter.seconds()
+        cpu = cpu_summary(group_cpu(meter.stop(), "clients"), machine.stop())
+    finally:
+        for load in loads:
+            load.stop()
+    latencies = sorted(ms for answer in answers for ms in json.loads(answer)["history_ms"])
     complete = len(latencies)
 
     def at(quantile: float) -> float:
         return latencies[min(complete - 1, int(quantile * complete))] if complete else float("inf")
 
-    p99 = at(0.99)
-    return {
-        "clients": clients, "processes": len(loads), "complete": complete, "history_bytes": history_bytes,
-        "records_filled": filled["produced"], "p50_ms": at(0.5), "p99_ms": p99,
-        "max_ms": latencies[-1] if complete else None,
-        "wall_s": wall, "cpu": cpu, "proxy_cpu_ms_per_client": 1e3 * cpu_seconds["proxy"] / max(complete, 1),
-        "proxy_peak_rss_mb": memory["peak"] * 1024 / 1e6, "target_ms": TARGET_P99_MS, "ratio": p99 / TARGET_P99_MS,
-        "passed": complete == clients and p99 <= TARGET_P99_MS,
-    }
+    return {"complete": complete, "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": latencies[-1] if complete else None,
+            "wall_s": wall, "cpu": cpu, "cpu_seconds": cpu_seconds}
 
 
 def history_size(port: int) -> int:
@@ -90,17 +105,57 @@ def history_size(port: int) -> int:
         load.stop()
 
 
+def recorded_history(port: int, histories: int) -> list[str]:
+    """The SockJS frames that carry one websocket client's histories, as the proxy sent them."""
+    connection = websocket.create_connection(f"ws://127.0.0.1:{port}/live/000/{uuid.uuid4().hex[:12]}/websocket",
+                                             timeout=30)
+    try:
+        frames, seen = [], 0
+        while seen < histories:
+            frame = connection.recv()
+            if frame.startswith("a["):
+                frames.append(frame)
+                seen += sum(json.loads(message).get("type") == "history" for message in json.loads(frame[1:]))
+        return frames
+    finally:
+        connection.close()
+
+
+def ceiling(frames: list[str], clients: int, processes: int, histories: int) -> dict:
+    """The same burst against a bare Tornado websocket server that sends the recorded frames on open."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as recorded:
+        json.dump(frames, recorded)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, os.path.join(BENCH, "broadcast_ceiling.py"), "--port", str(port),
+                               "--replay", recorded.name], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        if not server.stdout.readline().startswith("READY"):
+            raise RuntimeError(f"ceiling server did not start (exit code {server.poll()})")
+        measured = burst(port, clients, processes, histories, {"proxy": server.pid})
+        measured["cpu"]["server"] = measured["cpu"].pop("proxy")
+        measured["server_cpu_ms_per_client"] = 1e3 * measured["cpu_seconds"]["proxy"] / max(measured["complete"], 1)
+        return measured
+    finally:
+        terminate(server, 10.0)
+        os.unlink(recorded.name)
+
+
 def report(result: dict) -> None:
     print(f"history burst: {result['clients']} websocket clients in {result['processes']} processes connect at once; "
           f"13 histories, {result['history_bytes'] / 1000:.0f} kB per client")
     print(f"  connect -> complete history: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
           f"max {result['max_ms'] or 0:.0f} ms; {result['complete']} of {result['clients']} complete; "
           f"all done in {result['wall_s']:.2f} s")
-    print(f"  proxy CPU {result['proxy_cpu_ms_per_client']:.1f} ms per client; peak RSS "
+    print(f"  proxy CPU {result['proxy_cpu_ms_per_client']:.2f} ms per client; peak RSS "
           f"{result['proxy_peak_rss_mb']:.0f} MB")
     print(f"  CPU: {format_cpu(result['cpu'])}")
+    bare = result["ceiling"]
+    print(f"  ceiling (bare Tornado websocket server sending the same frames on open): p50 {bare['p50_ms']:.0f} ms, "
+          f"p99 {bare['p99_ms']:.0f} ms, {bare['complete']} complete; server CPU "
+          f"{bare['server_cpu_ms_per_client']:.2f} ms per client; CPU: {format_cpu(bare['cpu'])}")
     print(f"  ratio: p99 / {TARGET_P99_MS:.0f} ms = {result['ratio']:.2f} "
-          f"({'meets' if result['passed'] else 'misses'} the target)")
+          f"({'meets' if result['passed'] else 'misses'} the target); p99 / ceiling p99 = "
+          f"{result['ratio_to_ceiling'] or float('inf'):.2f}")
 
 
 def main() -> None:
