@@ -212,7 +212,7 @@ class ProxyServer:
         status = handler.get_status()
         request = handler.request
         route = type(handler).__name__
-        metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
+        metrics.labelled(metrics.HTTP_REQUESTS, route, str(status)).inc()
         path = loggable_path(request.path)
         fields = {
             "method": request.method, "path": path, "status": status,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import typing
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # One registry for the process; tests read values through it.
@@ -62,3 +65,11 @@ IDLE_CONNECTIONS_CLOSED = Counter(
 ACCEPT_PAUSES = Counter(
     "proxy_accept_pauses_total", "Times accepting paused: out of file descriptors, none idle for 1 s",
     registry=REGISTRY)
+
+
+@functools.lru_cache(maxsize=4096)
+def labelled(metric: typing.Any, *values: str) -> typing.Any:
+    """metric.labels(*values), looked up once: labels() validates and locks on every call, and
+    the hot paths (a connect, a request, a flush tick) would pay that each time. Bounded: label
+    values here come from configuration and code (topics, routes, statuses, transports)."""
+    return metric.labels(*values)

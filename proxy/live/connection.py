@@ -29,7 +29,7 @@ class LiveConnection(SockJSConnection):
         self.viewer: Viewer | None = None
         self._token: str | None = None
         self._auth_timer: typing.Any = None
-        metrics.LIVE_SESSIONS.labels(self.transport).inc()
+        metrics.labelled(metrics.LIVE_SESSIONS, self.transport).inc()
         if self.hub.access.requires_token:
             self._auth_timer = self.session.server.io_loop.call_later(self.hub.access.auth_timeout,
                                                                       self._auth_timed_out)
@@ -95,7 +95,7 @@ class LiveConnection(SockJSConnection):
     def on_close(self) -> None:
         transport = getattr(self, "transport", None)  # None: closed before it was opened
         if transport is not None:
-            metrics.LIVE_SESSIONS.labels(transport).dec()
+            metrics.labelled(metrics.LIVE_SESSIONS, transport).dec()
             self._cancel_auth_timer()
         self.hub.remove(self)
 

@@ -154,7 +154,7 @@ class LiveHub:
         """The initial history is in: fill the buffers and greet sessions that were waiting."""
         for topic, envelopes in histories.items():
             self.history[topic].replace(envelopes)
-            metrics.HISTORY_SIZE.labels(topic).set(len(self.history[topic]))
+            metrics.labelled(metrics.HISTORY_SIZE, topic).set(len(self.history[topic]))
         if self.views is not None:
             self.views.load(histories)
         self.loaded = True
@@ -195,7 +195,7 @@ class LiveHub:
             by_topic.setdefault(topic, []).append(envelope)
         for topic, envelopes in by_topic.items():
             self.history[topic].extend(envelopes)
-            metrics.HISTORY_SIZE.labels(topic).set(len(self.history[topic]))
+            metrics.labelled(metrics.HISTORY_SIZE, topic).set(len(self.history[topic]))
         owners = self.views.index(batch) if self.views is not None else None
         if not self._connections or not self.loaded:
             return
