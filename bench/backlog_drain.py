@@ -42,6 +42,25 @@ def bare_consumer(bootstrap: str, topic: str, partitions: int) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads, grouped: the main thread (the proxy's IOLoop),
+    librdkafka's threads (named rdk:*), and the other Python threads (the consumer thread)."""
+    groups = {"ioloop": 0.0, "python_threads": 0.0, "librdkafka": 0.0}
+    ticks = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as handle:
+                stat = handle.read()
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        group = "ioloop" if int(tid) == pid else "librdkafka" if name.startswith("rdk:") else "python_threads"
+        groups[group] += seconds
+    return groups
+
+
 def run(records: int = 200_000, partitions: int = 4) -> dict:
     """Drain rate through the proxy vs the bare consumer; "ratio" is proxy / bare (>= 0.8 passes)."""
     with TansuBroker() as broker:
@@ -65,12 +84,14 @@ def run(records: int = 200_000, partitions: int = 4) -> dict:
             before = client.ask("COUNT")
             meter = CpuMeter({"proxy": proxy.pid, "client": client.pid, "broker": broker.process.pid}).start()
             machine = MachineCpu().start()
+            threads_before = thread_cpu(proxy.pid)
             with Profiler(proxy.pid, f"backlog-drain-{partitions}p"):
                 resumed = time.monotonic()
                 proxy.resume()
                 after = client.ask(f"UNTIL {before['messages'] + records} {DRAIN_TIMEOUT}", timeout=DRAIN_TIMEOUT + 10)
                 cpu_seconds = meter.seconds()
                 machine_cores = machine.stop()
+                threads_after = thread_cpu(proxy.pid)
             drain_wall = after["time"] - resumed
             after_metrics = proxy.metrics()
             memory = memory_kib(proxy.pid)
@@ -96,6 +117,8 @@ def run(records: int = 200_000, partitions: int = 4) -> dict:
         "cpu_bare_consumer": best_bare["cpu_seconds"] / best_bare["seconds"],
         "proxy_us_per_ingested": 1e6 * cpu_seconds["proxy"] / max(consumed, 1),
         "proxy_us_per_delivered": 1e6 * cpu_seconds["proxy"] / max(received, 1),
+        "proxy_us_per_record_by_thread": {name: 1e6 * (threads_after[name] - used) / max(consumed, 1)
+                                          for name, used in threads_before.items()},
         "bare_us_per_record": 1e6 * best_bare["cpu_seconds"] / max(best_bare["records"], 1),
         "produce_seconds": produce_seconds, "proxy_rss_mib": memory["rss"] / 1024,
         "proxy_peak_rss_mib": memory["peak"] / 1024,
@@ -116,6 +139,8 @@ def report(result: dict) -> None:
     print(f"  proxy CPU {result['proxy_us_per_ingested']:.1f} us per ingested record, "
           f"{result['proxy_us_per_delivered']:.1f} us per delivered message "
           f"(bare consumer {result['bare_us_per_record']:.1f} us per record)")
+    print("  proxy CPU per ingested record by thread: " + ", ".join(
+        f"{name} {us:.1f} us" for name, us in result["proxy_us_per_record_by_thread"].items()))
     print(f"  CPU during the drain: {format_cpu(result['cpu'])}; producer while producing "
           f"{result['cpu_producer_while_producing']:.0%}, bare consumer {result['cpu_bare_consumer']:.0%}")
     print(f"  ratio: {result['ratio']:.2f} x bare (target >= {TARGET_RATIO}) -> "
