@@ -47,10 +47,11 @@ class IngestStats:
 class RecordDecoder:
     """Decides which records to forward and renders their envelopes; counts what it skips.
 
-    accept() runs on the consumer thread for every record and applies the one rule of
-    proxy.records (what is a usable record) plus the live view's own (no failed requests);
-    envelope() runs on the IOLoop only for records someone will see (the newest of each topic, or
-    all while clients are connected), so ingest does not pay for formatting messages nobody reads.
+    accept() applies the one rule of proxy.records (what is a usable record) plus the live view's
+    own (no failed requests); envelope() renders what it accepted. While clients are connected the
+    consumer thread runs both for every record, as forward(); without clients it runs accept() only,
+    and envelopes() renders on the IOLoop the newest records of each topic (the history), so ingest
+    does not pay for formatting messages nobody reads.
     """
 
     def __init__(self, topics: typing.Iterable[str], drop_failed_requests: bool,
@@ -97,6 +98,44 @@ class RecordDecoder:
             timestamp = int(time.time() * 1000)
         return topic, timestamp, wire.render_envelope(self._prefix[topic], message.partition(), message.offset(),
                                                       timestamp, text)
+
+    def forward(self, messages: list[typing.Any], skipped: collections.Counter[tuple[str, str]]) -> list[LiveRecord]:
+        """envelope() of each record of a batch that accept() takes, in one loop (the consumer thread's,
+        while clients are connected and will see every record).
+
+        At a backlog drain this loop runs for every record, so accept() and envelope() are inlined:
+        each record is decoded once and its fields read once. Topics with hidden fields take
+        envelope() itself (their values are re-encoded anyway).
+        """
+        rendered: list[LiveRecord] = []
+        append = rendered.append
+        decode_value, value_text, is_failed = records.decode_value, records.value_text, records.is_failed_request
+        prefixes, hidden, max_bytes = self._prefix, self._hidden, self.max_record_bytes
+        drop_failed = self.drop_failed_requests
+        now_ms = int(time.time() * 1000)
+        for message in messages:
+            topic = message.topic()
+            try:
+                value = decode_value(message.value(), max_bytes)
+            except records.SkippedRecord as skip:
+                self._skip(message, topic, skip.reason, skipped)
+                continue
+            if drop_failed and value.get("http_code", 200) != 200 and is_failed(value):
+                skipped[topic, "failed_request"] += 1
+                continue
+            if topic in hidden:
+                record = self.envelope(message, skipped)
+                if record is not None:
+                    append(record)
+                continue
+            kind, timestamp = message.timestamp()
+            if not kind:  # TIMESTAMP_NOT_AVAILABLE
+                timestamp = now_ms
+            # wire.render_envelope() as an f-string: one allocation, the cheapest way CPython builds
+            # this text (tests/test_decode.py holds the two equal).
+            append((topic, timestamp, f'{prefixes[topic]}{message.partition()},"offset":{message.offset()},'
+                                      f'"timestamp":{timestamp},"value":{value_text(message.value())}}}'))
+        return rendered
 
     def envelopes(self, messages: list[typing.Any], skipped: collections.Counter[tuple[str, str]]) -> list[LiveRecord]:
         """envelope() of each accepted record of a batch, rendered in one loop.
