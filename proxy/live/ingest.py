@@ -1,15 +1,17 @@
 """Ingest from Kafka: one consumer thread reads every partition of the live topics.
 
 The thread decodes and filters records (proxy.live.decode); it hands whole batches to the IOLoop
-and never touches a Tornado object itself. Envelopes are rendered once, on the IOLoop, for the
-records someone sees. A bounded number of batches may be in flight, so a stalled IOLoop slows
-the consumer instead of growing a queue.
+and never touches a Tornado object itself. Envelopes are rendered once, for the records someone
+sees: while clients are connected, by the thread in the loop that decodes; without clients, on the
+IOLoop for the newest records of each topic only (the history). A bounded number of batches may be
+in flight, so a stalled IOLoop slows the consumer instead of growing a queue.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import operator
 import threading
 import time
 import typing
@@ -31,21 +33,34 @@ MAX_BATCHES_IN_FLIGHT = 8
 RETRY_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def newest_per_topic(messages: list[typing.Any], count: int) -> list[typing.Any]:
-    """The last `count` messages of each topic, in their original order."""
+T = typing.TypeVar("T")
+
+
+def newest_per_topic(items: list[T], count: int, topic_of: typing.Callable[[T], str]) -> list[T]:
+    """The last `count` items of each topic, in their original order."""
     kept: collections.Counter[str] = collections.Counter()
     newest = []
-    for message in reversed(messages):
-        topic = message.topic()
+    for item in reversed(items):
+        topic = topic_of(item)
         if kept[topic] < count:
             kept[topic] += 1
-            newest.append(message)
+            newest.append(item)
     newest.reverse()
     return newest
 
 
-def _topic_of(message: typing.Any) -> str:
-    return message.topic()
+# A Kafka record's topic, called from C (map, Counter): no Python frame per record.
+_topic_of = operator.methodcaller("topic")
+_record_topic = operator.itemgetter(0)  # a LiveRecord's
+
+
+class Delivery(typing.NamedTuple):
+    """One batch handed to the IOLoop: envelopes already rendered, or accepted Kafka records
+    to render there (those of them someone will see)."""
+
+    items: list[typing.Any]  # list[LiveRecord] if rendered, else Kafka records
+    rendered: bool
+    single_topic: bool
 
 
 class KafkaIngest:
@@ -203,12 +218,11 @@ class KafkaIngest:
 
     def _follow(self, reader: KafkaReader) -> None:
         """Forward new records in batches; look for new topics and partitions periodically."""
-        accept = self.decoder.accept
         next_refresh = time.monotonic() + self.refresh_interval
         while not self._stop.is_set():
             self.health.turned()
             try:
-                records = reader.read(BATCH_SIZE, POLL_TIMEOUT).records
+                batch = self._next_batch(reader)
             except KafkaUnavailable as exc:
                 # A fatal client error: it does not go away by itself, so report it and wait.
                 if self.health.last_error != str(exc):
@@ -216,14 +230,8 @@ class KafkaIngest:
                 self.health.unreachable(str(exc))
                 self._stop.wait(RETRY_BACKOFF[-1])
                 continue
-            if records:
-                # Counting in C (map) instead of per record in Python: this loop is the ingest ceiling.
-                consumed = collections.Counter(map(_topic_of, records))
-                skipped: collections.Counter[tuple[str, str]] = collections.Counter()
-                batch = [message for message in records if accept(message, skipped)]
-                self.stats.add(consumed, skipped)
-                if batch:
-                    self._hand_over(self._deliver, (batch, len(consumed) == 1))
+            if batch.items:
+                self._hand_over(self._deliver, batch)
             if time.monotonic() >= next_refresh:
                 try:
                     self._discover(reader)
@@ -234,19 +242,41 @@ class KafkaIngest:
                     log.warning("Kafka housekeeping failed: %s", exc)
                 next_refresh = time.monotonic() + self.refresh_interval
 
-    def _deliver(self, batch: tuple[list[typing.Any], bool]) -> None:
-        """On the IOLoop: render the envelopes someone will see and pass them on."""
-        messages, single_topic = batch
-        if not self._wants_every_message() and len(messages) > self.history_size:
-            if single_topic:
-                messages = messages[-self.history_size:] if self.history_size else []
-            else:
-                messages = newest_per_topic(messages, self.history_size)
+    def _next_batch(self, reader: KafkaReader) -> Delivery:
+        """Up to BATCH_SIZE records, decoded (and, while clients are connected, rendered) and counted."""
+        records = reader.read(BATCH_SIZE, POLL_TIMEOUT).records
+        # Counting in C (map) instead of per record in Python: this loop is the ingest ceiling.
+        consumed = collections.Counter(map(_topic_of, records))
         skipped: collections.Counter[tuple[str, str]] = collections.Counter()
-        records = self.decoder.envelopes(messages, skipped)
-        if skipped:
-            self.stats.add(collections.Counter(), skipped)
-        self._on_batch(records)
+        render = self._wants_every_message()
+        if render:
+            # Clients will see every record: render each in the loop that decodes it, once.
+            items = self.decoder.forward(records, skipped)
+        else:
+            items = [message for message in records if self.decoder.accept(message, skipped)]
+        if records:
+            self.stats.add(consumed, skipped)
+        return Delivery(items, render, len(consumed) == 1)
+
+    def _deliver(self, batch: Delivery) -> None:
+        """On the IOLoop: pass on what someone will see, rendering the envelopes not rendered yet.
+
+        Whether clients are connected is decided here, at delivery: the thread's guess may be out
+        of date by then (the last client left: keep only the history's part; the first one came:
+        render the whole batch).
+        """
+        items = batch.items
+        if not self._wants_every_message() and len(items) > self.history_size:
+            if batch.single_topic:
+                items = items[-self.history_size:] if self.history_size else []
+            else:
+                items = newest_per_topic(items, self.history_size, _record_topic if batch.rendered else _topic_of)
+        if not batch.rendered:
+            skipped: collections.Counter[tuple[str, str]] = collections.Counter()
+            items = self.decoder.envelopes(items, skipped)
+            if skipped:
+                self.stats.add(collections.Counter(), skipped)
+        self._on_batch(items)
 
     def _hand_over(self, callback: typing.Callable[[typing.Any], None], payload: typing.Any) -> None:
         """Schedule callback(payload) on the IOLoop, waiting while too many batches are in flight
