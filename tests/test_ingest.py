@@ -71,6 +71,7 @@ def test_while_clients_watch_every_record_is_delivered_rendered_in_batches_of_at
         assert batch.rendered and len(batch.items) <= ingest.BATCH_SIZE
         ingest_._deliver(batch)
     assert watchers.offsets() == [(m.topic(), m.offset()) for m in records[:-1]]
+    assert max(reader.reads) <= ingest.READ_SIZE
     assert ingest_.stats.consumed_by_topic() == {"buyOffer": (len(records) + 1) // 2, "addOffer": len(records) // 2}
     assert ingest_.stats.skipped_by_topic() == {"buyOffer": {"invalid_json": 1}}
 
