@@ -1,7 +1,7 @@
 """Request → visible rows: which partitions to read, from where, and what the merchant may see of each record.
 
 The scan (proxy.export.scan) supplies records merged by timestamp; the policy (proxy.policy)
-decides what of each the merchant may see; the CSV writer gets plain row dicts.
+decides what of each the merchant may see; the CSV writer gets plain row dicts, in lists.
 """
 
 from __future__ import annotations
@@ -11,14 +11,17 @@ import dataclasses
 import datetime
 import itertools
 import logging
+import operator
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+
+import orjson
 
 from proxy import records
 from proxy.export.errors import NotExportable, UnknownTopic
-from proxy.export.scan import PartitionScanner, ScannedRecord
+from proxy.export.scan import PartitionScanner, ScannedRecords
 from proxy.kafka import BEGINNING, PartitionKey
-from proxy.policy import VisibilityPolicy, owner_of
+from proxy.policy import OWNER_FIELD, VisibilityPolicy
 
 # Columns of the export of all topics at once (GET /export/data).
 ALL_TOPICS_COLUMNS = ("topic", "partition", "offset", "timestamp", "value")
@@ -27,6 +30,10 @@ ALL_TOPICS_LABEL = "all"
 # The export's lines keep the export's logger name.
 log = logging.getLogger("proxy.export")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+# Owners whose visibility an export remembers: a topic has a few merchants, but anyone can write
+# any merchant_id, so the memory is bounded.
+_REMEMBERED_OWNERS = 1024
+_value_of = operator.methodcaller("value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +60,7 @@ class _Tail(typing.NamedTuple):
 
 
 class ExportRows:
-    """The rows one request may show, in record-timestamp order; iterate once.
+    """The rows one request may show, in record-timestamp order, in lists; iterate batches() once.
 
     Creating it resolves the partitions (and, for `limit`, where the last rows start), so a
     refusal (403, 404, Kafka down) comes before any output is opened.
@@ -68,6 +75,9 @@ class ExportRows:
         # Records of the requested range the export skipped, by reason (proxy.records.REASONS).
         self.skipped: collections.Counter[str] = collections.Counter()
         self.columns = ALL_TOPICS_COLUMNS if request.topic is None else policy.columns(request.topic)
+        # The policy's answer per owner of the topic's records: visibility depends on nothing else
+        # (is_visible_owner).
+        self._visible_owners: dict[typing.Any, bool] = {}
         partitions = self._partitions_to_read(request.topic)
         self._starts: dict[PartitionKey, int] = {}
         self._ends: dict[PartitionKey, int] = {}
@@ -86,9 +96,16 @@ class ExportRows:
     def skipped_records(self) -> int:
         return sum(self.skipped.values())
 
-    def __iter__(self) -> Iterator[dict[str, typing.Any]]:
-        records = self.scanner.read_merged(self._starts, self._ends)
-        return itertools.islice(self._visible_rows(records, count_skipped=True), self._extra_rows, None)
+    def batches(self) -> Iterator[list[dict[str, typing.Any]]]:
+        """The rows, in lists of what the scan gives at a time (never empty)."""
+        extra = self._extra_rows
+        for scanned in self.scanner.read_merged(self._starts, self._ends):
+            rows = self._visible_rows(scanned, count_skipped=True)
+            if extra:
+                skipped_now = min(extra, len(rows))
+                rows, extra = rows[skipped_now:], extra - skipped_now
+            if rows:
+                yield rows
 
     def _partitions_to_read(self, topic: str | None) -> list[PartitionKey]:
         existing = self.scanner.partitions()
@@ -115,15 +132,15 @@ class ExportRows:
         start, stop = max(low, high - window), None
         end, rows = start, 0
         while True:
-            for record in self.scanner.read_range(topic, partition, start, stop):
-                end = max(end, record.offset + 1)
-                rows += sum(1 for _ in self._visible_rows((record,), count_skipped=False))
+            for scanned in self.scanner.read_range(topic, partition, start, stop):
+                end = max(end, scanned.records[-1].offset() + 1)
+                rows += len(self._visible_rows(scanned, count_skipped=False))
             if rows >= limit or start <= low:
                 return _Tail(start, end, rows)
             window *= 2
             start, stop = max(low, start - window), start
 
-    def _visible_rows(self, scanned: Iterable[ScannedRecord], count_skipped: bool) -> Iterator[dict[str, typing.Any]]:
+    def _visible_rows(self, scanned: ScannedRecords, count_skipped: bool) -> list[dict[str, typing.Any]]:
         """The CSV rows the merchant may see among the records in the request's time range.
 
         A record that cannot be used (proxy.records) or turned into rows is skipped and counted:
@@ -131,46 +148,71 @@ class ExportRows:
         """
         request = self.request
         topic, merchant_id = request.topic, request.merchant_id
-        from_ms, to_ms = request.from_ms, request.to_ms
-        decode, max_bytes = records.decode_value, self.max_record_bytes
-        is_visible_owner = self.policy.is_visible_owner
-        for record in scanned:
+        scanned_records, stamps = scanned
+        if request.from_ms is not None or request.to_ms is not None:
             # Kafka's record timestamp, not the message's own field: filtered while scanning because
             # offsets_for_times is not reliable on every broker.
-            if (from_ms is not None and record.timestamp < from_ms) or (to_ms is not None and record.timestamp > to_ms):
-                continue
+            low = -(2 ** 63) if request.from_ms is None else request.from_ms
+            high = 2 ** 63 if request.to_ms is None else request.to_ms
+            in_range = [low <= stamp <= high for stamp in stamps]
+            scanned_records = list(itertools.compress(scanned_records, in_range))
+            stamps = list(itertools.compress(stamps, in_range))
+        decode, loads, max_bytes = records.decode_value, orjson.loads, self.max_record_bytes
+        is_visible_owner, visible_owners = self.policy.is_visible_owner, self._visible_owners
+        rows: list[dict[str, typing.Any]] = []
+        # This loop runs once per record of every export: no per-record helper calls but the policy's.
+        for record, raw, stamp in zip(scanned_records, map(_value_of, scanned_records), stamps):
             try:
-                message = decode(record.value, max_bytes)
+                # The record rule's common case inline: a value within max_bytes that orjson reads
+                # as an object is what records.decode_value() returns. It reads anything else
+                # itself, or names the reason to skip it.
+                try:
+                    message = loads(raw) if len(raw) <= max_bytes else None
+                except (TypeError, orjson.JSONDecodeError):  # a tombstone (None), or not plain JSON
+                    message = None
+                if type(message) is not dict:
+                    message = decode(raw, max_bytes)
                 # Most records of an owner topic are other merchants': asked first, it is the cheap question.
-                if not is_visible_owner(record.topic, owner_of(message), merchant_id):
+                owner = message.get(OWNER_FIELD)
+                if topic is None:
+                    visible = is_visible_owner(record.topic(), owner, merchant_id)
+                else:
+                    try:
+                        visible = visible_owners[owner]
+                    except KeyError:
+                        visible = is_visible_owner(topic, owner, merchant_id)
+                        if len(visible_owners) < _REMEMBERED_OWNERS:
+                            visible_owners[owner] = visible
+                    except TypeError:  # an owner that is a list or an object
+                        visible = is_visible_owner(topic, owner, merchant_id)
+                if not visible:
                     continue
-                rows = self._rows_of(record, message) if topic is None else self.policy.visible_rows(
-                    record.topic, message, merchant_id)
                 # Built whole before the first is written: a record is exported entirely or not at all.
-                rows = list(rows)
+                rows += self._rows_of(record, stamp, message)
             except records.SkippedRecord as skip:
                 if count_skipped:
                     self.skipped[skip.reason] += 1
-                continue
             except Exception:  # one record must not end every merchant's export of the topic
                 if count_skipped:
                     self._cannot_render(record)
-                continue
-            yield from rows
+        return rows
 
-    def _rows_of(self, record: ScannedRecord, message: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
-        """The all-topics export's row of one record, if the merchant may see it."""
-        visible = self.policy.visible_message(record.topic, message, self.request.merchant_id)
+    def _rows_of(self, record: typing.Any, timestamp: int, message: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
+        """The rows of one record the merchant may see (the policy decides what of it)."""
+        topic, merchant_id = self.request.topic, self.request.merchant_id
+        if topic is not None:
+            return list(self.policy.visible_rows(topic, message, merchant_id))
+        visible = self.policy.visible_message(record.topic(), message, merchant_id)
         if visible is None:
             return []
-        return [{"topic": record.topic, "partition": record.partition, "offset": record.offset,
-                 "timestamp": iso_time(record.timestamp), "value": visible}]
+        return [{"topic": record.topic(), "partition": record.partition(), "offset": record.offset(),
+                 "timestamp": iso_time(timestamp), "value": visible}]
 
-    def _cannot_render(self, record: ScannedRecord) -> None:
+    def _cannot_render(self, record: typing.Any) -> None:
         if not self.skipped["cannot_render"]:
             # Once per export, with the traceback: this is a bug to fix, not bad input.
-            log.exception("export skips %s[%d] offset %d: it cannot be turned into rows", record.topic,
-                          record.partition, record.offset)
+            log.exception("export skips %s[%d] offset %d: it cannot be turned into rows", record.topic(),
+                          record.partition(), record.offset())
         self.skipped["cannot_render"] += 1
 
 

@@ -286,7 +286,8 @@ class ExportService:
                 rows = ExportRows(self.policy, request, scanner, self._max_record_bytes)
                 with open_output() as output:
                     writer = CsvExportWriter(output, rows.columns)
-                    writer.write_rows(iter(rows))
+                    for batch in rows.batches():
+                        writer.write_rows(batch)
                     writer.finish()
         # The scan's errors, as export errors (HTTP status, metrics outcome).
         except ScanCancelled as exc:
