@@ -77,9 +77,7 @@ def decode_value(raw: bytes | None, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -
 
 def value_text(raw: bytes) -> str:
     """The JSON text of a value that decode_value() accepted, as the producer wrote it."""
-    if raw[:3] == BOM:
-        raw = raw[3:]
-    return raw.decode("utf-8")
+    return raw.decode("utf-8") if not raw.startswith(BOM) else raw[3:].decode("utf-8")
 
 
 def is_failed_request(value: typing.Mapping[str, typing.Any]) -> bool:

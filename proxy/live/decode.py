@@ -114,9 +114,9 @@ class RecordDecoder:
         drop_failed = self.drop_failed_requests
         now_ms = int(time.time() * 1000)
         for message in messages:
-            topic = message.topic()
+            topic, raw = message.topic(), message.value()
             try:
-                value = decode_value(message.value(), max_bytes)
+                value = decode_value(raw, max_bytes)
             except records.SkippedRecord as skip:
                 self._skip(message, topic, skip.reason, skipped)
                 continue
@@ -134,7 +134,7 @@ class RecordDecoder:
             # wire.render_envelope() as an f-string: one allocation, the cheapest way CPython builds
             # this text (tests/test_decode.py holds the two equal).
             append((topic, timestamp, f'{prefixes[topic]}{message.partition()},"offset":{message.offset()},'
-                                      f'"timestamp":{timestamp},"value":{value_text(message.value())}}}'))
+                                      f'"timestamp":{timestamp},"value":{value_text(raw)}}}'))
         return rendered
 
     def envelopes(self, messages: list[typing.Any], skipped: collections.Counter[tuple[str, str]]) -> list[LiveRecord]:
