@@ -31,9 +31,9 @@ class IngestStats:
             for (topic, reason), count in skipped.items():
                 self._skipped[topic][reason] += count
         for topic, count in consumed.items():
-            metrics.MESSAGES_CONSUMED.labels(topic).inc(count)
+            metrics.labelled(metrics.MESSAGES_CONSUMED, topic).inc(count)
         for (topic, reason), count in skipped.items():
-            metrics.MESSAGES_SKIPPED.labels(topic, reason).inc(count)
+            metrics.labelled(metrics.MESSAGES_SKIPPED, topic, reason).inc(count)
 
     def consumed_by_topic(self) -> dict[str, int]:
         with self._lock:
