@@ -34,14 +34,15 @@ EXPORT_CONSUMER_DEFAULTS = {
 # Records buffered per partition by the merge. A partition is paused while its buffer is full,
 # which drops what librdkafka had fetched for it: once the merge has used up the buffer, it waits
 # for a new fetch. Producers write runs of records to one partition at a time (librdkafka's sticky
-# partitioner): at 2,000, a bulk-written topic stalled the scan on nearly every run and exports
-# were 4x slower than at 10,000 (bench/export_scan.py, whose runs are ~1,300 records, some 12,000).
-READ_AHEAD_RECORDS = 10_000
+# partitioner): bench/export_scan.py's topic has runs of ~1,300 records (10 % over 3,600). At
+# 2,000 nearly every run stalled the scan (4x slower on a busy machine); 6,000 holds most runs,
+# and more only raises the peak RSS.
+READ_AHEAD_RECORDS = 6_000
 # The bound for all partitions of an export together (an all-topics export reads about 50), so
 # memory never exceeds what 2,000 records per partition could take.
 READ_AHEAD_TOTAL_RECORDS = 104_000
 # Records handed on at a time: bounds the rows and CSV text an export builds at once.
-SLICE_RECORDS = 5_000
+SLICE_RECORDS = 1_000
 
 # The scan handles records in lists, with C-level calls (map, groupby, bisect, sort): a Python
 # statement per record is what an export's time goes to.
