@@ -159,6 +159,7 @@ class ExportRows:
             stamps = list(itertools.compress(stamps, in_range))
         decode, loads, max_bytes = records.decode_value, orjson.loads, self.max_record_bytes
         is_visible_owner, visible_owners = self.policy.is_visible_owner, self._visible_owners
+        visible_rows = self.policy.visible_rows
         rows: list[dict[str, typing.Any]] = []
         # This loop runs once per record of every export: no per-record helper calls but the policy's.
         for record, raw, stamp in zip(scanned_records, map(_value_of, scanned_records), stamps):
@@ -188,7 +189,8 @@ class ExportRows:
                 if not visible:
                     continue
                 # Built whole before the first is written: a record is exported entirely or not at all.
-                rows += self._rows_of(record, stamp, message)
+                rows += self._all_topics_rows(record, stamp, message) if topic is None else list(
+                    visible_rows(topic, message, merchant_id))
             except records.SkippedRecord as skip:
                 if count_skipped:
                     self.skipped[skip.reason] += 1
@@ -197,12 +199,10 @@ class ExportRows:
                     self._cannot_render(record)
         return rows
 
-    def _rows_of(self, record: typing.Any, timestamp: int, message: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
-        """The rows of one record the merchant may see (the policy decides what of it)."""
-        topic, merchant_id = self.request.topic, self.request.merchant_id
-        if topic is not None:
-            return list(self.policy.visible_rows(topic, message, merchant_id))
-        visible = self.policy.visible_message(record.topic(), message, merchant_id)
+    def _all_topics_rows(self, record: typing.Any, timestamp: int,
+                         message: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
+        """The all-topics export's row of one record, if the merchant may see it."""
+        visible = self.policy.visible_message(record.topic(), message, self.request.merchant_id)
         if visible is None:
             return []
         return [{"topic": record.topic(), "partition": record.partition(), "offset": record.offset(),
