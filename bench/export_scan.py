@@ -5,7 +5,8 @@ ours, so about a third of the rows are visible to us), first --small records, th
 --records. After each fill the proxy process exports the topic the way the merchant SDK does
 (GET /export/data/buyOffer with the token, then the file) and the proxy's peak RSS is read
 (VmHWM). The ceiling is a bare confluent-kafka consumer + ujson.loads reading the same topic from
-the same broker in the same run (bench/bare_consumer.py).
+the same broker in the same run (bench/bare_consumer.py); each side's figure is its best of two
+runs, interleaved (the peak RSS is the higher of the two exports').
 
 Targets (issue 10): the scan >= 0.7 x the ceiling; peak RSS flat: the 500k export peaks at most
 10 % above the 100k one.
@@ -84,10 +85,17 @@ def run(records: int = 500_000, small: int = 100_000, partitions: int = 4) -> di
         fill(broker.bootstrap_servers, small, seed=1)
         first = export_with_fresh_proxy(broker.bootstrap_servers, f"export-{small}-{partitions}p")
         fill(broker.bootstrap_servers, records - small, seed=2)
-        bare = [bare_consumer(broker.bootstrap_servers, TOPIC, partitions)]
-        second = export_with_fresh_proxy(broker.bootstrap_servers, f"export-{records}-{partitions}p")
-        bare.append(bare_consumer(broker.bootstrap_servers, TOPIC, partitions))
+        # Each side gets its best of two runs, interleaved, so that a burst of other work on the
+        # machine does not decide the ratio.
+        bare, exports = [], []
+        for run_number in (1, 2):
+            bare.append(bare_consumer(broker.bootstrap_servers, TOPIC, partitions))
+            exports.append(export_with_fresh_proxy(broker.bootstrap_servers,
+                                                   f"export-{records}-{partitions}p-{run_number}"))
     best = min(bare, key=lambda figure: figure["seconds"])
+    # The faster export for the rate; the higher peak RSS of the two for the memory target.
+    second = min(exports, key=lambda figure: figure["seconds"]) | {
+        "peak_rss_mib": max(figure["peak_rss_mib"] for figure in exports)}
     ceiling = best["records"] / best["seconds"]
     scan_rate = records / second["seconds"]
     growth = second["peak_rss_mib"] / first["peak_rss_mib"]
