@@ -6,7 +6,7 @@ ours, so about a third of the rows are visible to us), first --small records, th
 (GET /export/data/buyOffer with the token, then the file) and the proxy's peak RSS is read
 (VmHWM). The ceiling is a bare confluent-kafka consumer + ujson.loads reading the same topic from
 the same broker in the same run (bench/bare_consumer.py); each side's figure is its best of two
-runs, interleaved (the peak RSS is the higher of the two exports').
+runs, interleaved; the peak RSS of each size is the higher of its two exports'.
 
 Targets (issue 10): the scan >= 0.7 x the ceiling; peak RSS flat: the 500k export peaks at most
 10 % above the 100k one.
@@ -83,7 +83,11 @@ def run(records: int = 500_000, small: int = 100_000, partitions: int = 4) -> di
     with TansuBroker() as broker:
         broker.create_topics([TOPIC], partitions=partitions)
         fill(broker.bootstrap_servers, small, seed=1)
-        first = export_with_fresh_proxy(broker.bootstrap_servers, f"export-{small}-{partitions}p")
+        smaller = [export_with_fresh_proxy(broker.bootstrap_servers, f"export-{small}-{partitions}p-{run_number}")
+                   for run_number in (1, 2)]
+        # As for the large export: the faster run's figures, the higher peak RSS.
+        first = min(smaller, key=lambda figure: figure["seconds"]) | {
+            "peak_rss_mib": max(figure["peak_rss_mib"] for figure in smaller)}
         fill(broker.bootstrap_servers, records - small, seed=2)
         # Each side gets its best of two runs, interleaved, so that a burst of other work on the
         # machine does not decide the ratio.
