@@ -104,6 +104,22 @@ class HealthProbe:
         return percentiles(durations) | {"not_ok": len(failures), "statuses": sorted(set(failures))}
 
 
+def flush_ticks(proxy: typing.Any) -> dict:
+    """The proxy's flush ticks so far (proxy_live_flush_seconds): how many, mean, and how many took over 100 ms."""
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for line in proxy.get("/metrics")[1].splitlines():
+        if line.startswith("proxy_live_flush_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("proxy_live_flush_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("proxy_live_flush_seconds_sum"):
+            total = float(line.rsplit(" ", 1)[1])
+    return {"count": int(count), "mean_ms": 1000 * total / count if count else 0.0,
+            "over_100ms": int(count - buckets.get(0.1, count))}
+
+
 def sessions_open(proxy: typing.Any) -> int:
     return proxy.get("/status")[1]["sessions"]
 
@@ -178,6 +194,7 @@ def run_soak(proxy: typing.Any, bootstrap: str, plan: SoakPlan, topic_suffix: st
         cpu_seconds = meter.seconds()
         cpu = cpu_summary(group_cpu(meter.stop(), "clients"), machine.stop())
         during = resources.now()
+        ticks = flush_ticks(proxy)
     finally:
         for load in loads:
             load.stop()
@@ -209,6 +226,7 @@ def run_soak(proxy: typing.Any, bootstrap: str, plan: SoakPlan, topic_suffix: st
         "all_histories": history_seconds is not None,
         "produced": produced["produced"], "producer_failed": produced["failed"], "live_seconds": live_seconds,
         "delivered": sum(per_session), "expected": plan.sessions * produced["produced"],
+        "frames": sum(answer["frames"] for answer in final), "flush_ticks": ticks,
         "sessions_complete": sum(count == produced["produced"] for count in per_session),
         "sessions_short": sorted(count for count in per_session if count != produced["produced"])[:10],
         "closed": sum(answer["closed"] for answer in final), "by_transport": by_transport,
@@ -270,7 +288,10 @@ def report(result: dict) -> None:
           f"after {after['fds']}; sessions {base['sessions']} -> {result['held']} -> {after['sessions']}, "
           f"back to baseline in "
           f"{'never (60 s)' if back_in is None else f'{back_in:.1f} s'}")
-    print(f"  proxy CPU {result['proxy_us_per_delivered']:.2f} us per delivered message; "
+    ticks = result["flush_ticks"]
+    print(f"  flush ticks: {ticks['count']:,}, mean {ticks['mean_ms']:.1f} ms, {ticks['over_100ms']} over 100 ms")
+    print(f"  frames: {result['frames']:,} ({result['delivered'] / max(result['frames'], 1):.1f} messages per frame); "
+          f"proxy CPU {result['proxy_us_per_delivered']:.2f} us per delivered message; "
           f"CPU: {format_cpu(result['cpu'])}")
     if result["problems"]:
         print(f"  proxy log: {len(result['problems'])} warnings/errors, first: {result['problems'][0]}")

@@ -257,6 +257,7 @@ class LiveHub:
             if session.writable():  # if not: a write in flight or no transport; it comes back then
                 session.write(self.frame(session.take()))
         self._tick_cost = time.monotonic() - started
+        metrics.LIVE_FLUSH_SECONDS.observe(self._tick_cost)
 
     def frame(self, chunks: list[bytes]) -> bytes:
         """The SockJS frame (b'a[...]') of these chunks; sessions writing the same chunks until

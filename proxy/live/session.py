@@ -171,9 +171,10 @@ class LiveSession(Session):
                 else:
                     handler.send_pack(frame.decode())
                 self._finish_write(None)
-                self.write_started = time.monotonic()  # until the transport calls flush() again
+                if not handler.active:
+                    self.write_started = time.monotonic()  # until the transport calls flush() again
                 if self.polling:
-                    self.next_answer_at = self.write_started + self.hub.poll_interval
+                    self.next_answer_at = time.monotonic() + self.hub.poll_interval
             if not self._write_again():
                 return
             frame = self.hub.frame(self.take())

@@ -176,10 +176,14 @@ class _HttpTransport(_Droppable):
             if self._streaming_idle():
                 chunk = (b"%x\r\n" % sum(map(len, parts)), *parts, b"\r\n")
                 future = send_now(self.request.connection.stream, chunk)
-                if future is None:
+                if future is not None:
+                    future.add_done_callback(self.send_complete)
+                elif self.should_finish():  # type: ignore[attr-defined]
                     self.server.io_loop.add_callback(self.send_complete)  # type: ignore[attr-defined]
                 else:
-                    future.add_done_callback(self.send_complete)
+                    # Written: ready for the next frame at once, without a callback round (the
+                    # session's write loop, or the next tick, sends what is queued).
+                    self.active = True  # type: ignore[attr-defined]
                 return
             for part in parts:
                 self.write(part)  # type: ignore[attr-defined]
