@@ -298,7 +298,9 @@ class Profiler:
         if self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-            self.process = subprocess.Popen([spy, "record", "--pid", str(self.pid), "--rate", "200", "--threads",
+            # BENCH_PROFILE_GIL=1: only samples that hold the GIL (Python CPU, not waits).
+            gil = ["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []
+            self.process = subprocess.Popen([spy, "record", "--pid", str(self.pid), "--rate", "200", "--threads", *gil,
                                              "--nonblocking", "--format", "raw", "-o", self.path],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self

@@ -6,6 +6,7 @@ of the live path is tested end to end over real sockets (test_live.py, test_tran
 
 from __future__ import annotations
 
+import types
 import typing
 
 from proxy.live.fanout import MAX_PENDING_RECORDS, FanoutLimits, LiveHub
@@ -68,3 +69,20 @@ def test_ingest_waits_while_too_many_records_wait_for_a_tick():
     assert hub.congested()
     loop.run_next()
     assert not hub.congested()
+
+
+def test_polling_answers_are_spaced_out_more_as_polling_sessions_add_up():
+    """Every poll answer is a whole HTTP exchange: together they stay near POLL_ANSWERS_PER_SECOND."""
+    from proxy.live import fanout
+
+    class Polling:
+        def __init__(self, polling: bool) -> None:
+            self.session = types.SimpleNamespace(handler=None, polling=polling)
+
+    hub = hub_on(RecordingLoop())
+    for polling, websockets, expected in ((10, 500, fanout.POLL_INTERVAL_MIN),
+                                          (200, 0, 200 / fanout.POLL_ANSWERS_PER_SECOND),
+                                          (5000, 0, fanout.POLL_INTERVAL_MAX)):
+        hub._connections = {Polling(True) for _ in range(polling)} | {Polling(False) for _ in range(websockets)}
+        hub.sweep()
+        assert hub.poll_interval == expected
