@@ -13,7 +13,7 @@ import typing
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
 from proxy.config import KafkaSettings
-from proxy.kafka import Batch
+from proxy.kafka import Batch, KafkaUnavailable
 from proxy.live import ingest
 from proxy.live.decode import RecordDecoder
 from proxy.live.ingest import KafkaIngest
@@ -103,3 +103,21 @@ def test_a_batch_read_without_clients_is_delivered_whole_to_a_client_who_came_be
     watchers.connected = True
     ingest_._deliver(batch)
     assert watchers.offsets() == [(TOPICS[offset % 2], offset) for offset in range(20)]
+
+
+class FailingAfterFirstRead(QueuedRecords):
+    """A reader whose client fails after the first read (the cluster went away mid-batch)."""
+
+    def read(self, max_records: int, wait: float) -> Batch:
+        if self.reads:
+            self.reads.append(max_records)
+            raise KafkaUnavailable("Kafka client failed: _TRANSPORT")
+        return super().read(max_records, wait)
+
+
+def test_records_read_before_the_cluster_failed_mid_batch_are_still_delivered_and_the_failure_reported() -> None:
+    watchers = Watchers(connected=True)
+    ingest_ = watchers.ingest()
+    ingest_._deliver(ingest_._next_batch(typing.cast(typing.Any, FailingAfterFirstRead(mixed_batch(600)))))
+    assert watchers.offsets() == [(TOPICS[offset % 2], offset) for offset in range(ingest.READ_SIZE)]
+    assert ingest_.health.last_error == "Kafka client failed: _TRANSPORT"

@@ -259,10 +259,13 @@ class KafkaIngest:
         while read < BATCH_SIZE:
             try:
                 records = reader.read(READ_SIZE, POLL_TIMEOUT if not read else 0).records
-            except KafkaUnavailable:
+            except KafkaUnavailable as exc:
                 if not read:
                     raise
-                break  # hand over what was read; the next read raises it again
+                # Hand over what was read (those records are consumed); a lasting failure is
+                # raised again by the next read.
+                self.health.unreachable(str(exc))
+                break
             read += len(records)
             # Counting in C (map) instead of per record in Python: this loop is the ingest ceiling.
             consumed.update(map(_topic_of, records))
