@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 
 class TopicRules(typing.Protocol):
@@ -96,39 +96,123 @@ class VisibilityPolicy:
         self, topic: str, message: Mapping[str, typing.Any], merchant_id: str | None
     ) -> dict[str, typing.Any] | None:
         """The message as the merchant may see it (private fields dropped), or None if hidden."""
-        if not self.is_visible(topic, message, merchant_id):
+        if not isinstance(message, Mapping):
             return None
-        rules = self._rules[topic]
-        visible = _without(message, rules.drop_columns)
-        items = visible.get(rules.flatten) if rules.flatten else None
-        if rules.drop_columns and isinstance(items, list):
-            visible[rules.flatten] = [_without(item, rules.drop_columns) if isinstance(item, Mapping) else item
-                                      for item in items]
-        return visible
+        # A copy: the view function hands back the message itself when it drops nothing.
+        return self.view_function(topic, merchant_id)(dict(message))
 
     def visible_rows(
         self, topic: str, message: Mapping[str, typing.Any], merchant_id: str | None
     ) -> Iterator[dict[str, typing.Any]]:
         """The CSV rows of one message the merchant may see: none, the message, or its flattened list."""
-        visible = self.visible_message(topic, message, merchant_id)
-        if visible is None:
-            return
-        rules = self._rules[topic]
+        if isinstance(message, Mapping):
+            yield from self.rows_function(topic, merchant_id)(dict(message))
+
+    def view_function(self, topic: str, merchant_id: str | None) -> ViewFunction:
+        """visible_message() of one topic for one merchant, decided once: a dict -> its view, or None if hidden.
+
+        For the export's record loop: the message must be a dict of its own (proxy.records decodes
+        one per record), since the view is the message itself when nothing is dropped.
+        """
+        rules = self._rules.get(topic)
+        owner_may_see = _owner_test(rules, merchant_id)
+        if rules is None or owner_may_see is None:
+            return _hidden
+        dropped = frozenset(rules.drop_columns)
+        flatten = rules.flatten
+        if not dropped:
+            if owner_may_see is _anyone:
+                return _itself
+            return lambda message: message if owner_may_see(message.get(OWNER_FIELD)) else None
+
+        def view(message: dict[str, typing.Any]) -> dict[str, typing.Any] | None:
+            if not owner_may_see(message.get(OWNER_FIELD)):
+                return None
+            visible = {key: value for key, value in message.items() if key not in dropped}
+            items = visible.get(flatten) if flatten else None
+            if isinstance(items, list):
+                visible[flatten] = [{key: value for key, value in item.items() if key not in dropped}
+                                    if isinstance(item, Mapping) else item for item in items]
+            return visible
+
+        return view
+
+    def rows_function(self, topic: str, merchant_id: str | None) -> RowsFunction:
+        """visible_rows() of one topic for one merchant, decided once: a dict -> the rows the merchant may see.
+
+        Built once per export and called for every record: nothing per record but the owner
+        question and, only where the rules drop fields or flatten a list, new dicts. The message
+        must be a dict of its own (as for view_function): without dropped fields, it is the row.
+        """
+        rules = self._rules.get(topic)
+        owner_may_see = _owner_test(rules, merchant_id)
+        if rules is None or owner_may_see is None:
+            return _no_rows
         if not rules.flatten:
-            yield visible
-            return
-        items = visible.get(rules.flatten)
-        if not isinstance(items, list):
-            return
-        parent = {column: visible.get(field) for column, field in rules.parent_fields.items()}
-        for item in items:
-            if isinstance(item, Mapping):
-                # Parent fields come first and, being configured explicitly, win over an item's own key.
-                row = dict(parent)
-                row.update((key, value) for key, value in item.items() if key not in parent)
-                yield row
+            if not rules.drop_columns:
+                if owner_may_see is _anyone:
+                    return _one_row
+                if rules.policy == "owner":
+                    # The common case (buyOffer, the statistics topics), with the owner test inline.
+                    return lambda message: (message,) if message.get(OWNER_FIELD) == merchant_id else ()
+                return lambda message: (message,) if owner_may_see(message.get(OWNER_FIELD)) else ()
+            view = self.view_function(topic, merchant_id)
+            return lambda message: _NO_ROWS if (visible := view(message)) is None else (visible,)
+        view = self.view_function(topic, merchant_id)
+        flatten, parent_fields = rules.flatten, dict(rules.parent_fields)
+
+        def rows(message: dict[str, typing.Any]) -> Sequence[dict[str, typing.Any]]:
+            visible = view(message)
+            items = visible.get(flatten) if visible is not None else None
+            if not isinstance(items, list):
+                return _NO_ROWS
+            parent = {column: visible.get(field) for column, field in parent_fields.items()}
+            flattened = []
+            for item in items:
+                if isinstance(item, Mapping):
+                    # Parent fields come first and, being configured explicitly, win over an item's own key.
+                    row = dict(parent)
+                    row.update((key, value) for key, value in item.items() if key not in parent)
+                    flattened.append(row)
+            return flattened
+
+        return rows
 
 
-def _without(message: Mapping[str, typing.Any], keys: Iterable[str]) -> dict[str, typing.Any]:
-    dropped = set(keys)
-    return {key: value for key, value in message.items() if key not in dropped}
+ViewFunction = Callable[[dict[str, typing.Any]], "dict[str, typing.Any] | None"]
+RowsFunction = Callable[[dict[str, typing.Any]], Sequence[dict[str, typing.Any]]]
+_NO_ROWS: tuple[dict[str, typing.Any], ...] = ()
+
+
+def _owner_test(rules: TopicRules | None, merchant_id: str | None) -> Callable[[typing.Any], bool] | None:
+    """Whether a message's owner lets the merchant see it, under the topic's rules; None: never."""
+    if rules is None:
+        return None
+    if rules.policy == "public":
+        return _anyone
+    if rules.policy == "owner_or_unowned":
+        return lambda owner: owner is None or (merchant_id is not None and owner == merchant_id)
+    if rules.policy == "owner" and merchant_id is not None:
+        return lambda owner: owner == merchant_id
+    # An anonymous reader of an owner topic, or a policy nobody knows: nothing is visible.
+    return None
+
+
+def _anyone(owner: typing.Any) -> bool:
+    return True
+
+
+def _hidden(message: dict[str, typing.Any]) -> None:
+    return None
+
+
+def _itself(message: dict[str, typing.Any]) -> dict[str, typing.Any]:
+    return message
+
+
+def _no_rows(message: dict[str, typing.Any]) -> Sequence[dict[str, typing.Any]]:
+    return _NO_ROWS
+
+
+def _one_row(message: dict[str, typing.Any]) -> Sequence[dict[str, typing.Any]]:
+    return (message,)

@@ -199,3 +199,54 @@ def test_default_rules_yaml_lists_only_known_policies() -> None:
     # A typo in the defaults would slip past config validation, which sees only config files.
     config = parse_config({"export": {"topics": yaml.safe_load(yaml.safe_dump(shipped_defaults()["export"]["topics"]))}})
     assert set(config.export.topics) == set(shipped_defaults()["export"]["topics"])
+
+
+any_message = st.fixed_dictionaries({}, optional={"merchant_id": st.one_of(merchants, scalars), "signature": st.text(max_size=5),
+                                                  "price": scalars, "offers": st.lists(st.one_of(
+                                                      scalars, st.fixed_dictionaries({}, optional={
+                                                          "merchant_id": merchants, "signature": st.text(max_size=5),
+                                                          "price": scalars})), max_size=3)})
+
+
+@given(any_message, st.one_of(st.none(), merchants))
+def test_the_exports_row_and_view_functions_never_show_a_competitors_private_data(message: dict,
+                                                                                 merchant: str | None) -> None:
+    """The functions built once per export say what the policies say, per record (oracle: the rules as written)."""
+    rules = default_topic_rules()
+    policy = VisibilityPolicy(rules)
+    for topic in [*rules, "producer"]:
+        rule = rules.get(topic)
+        owner = message.get("merchant_id")
+        visible = rule is not None and (rule.policy == "public"
+                                        or (rule.policy == "owner_or_unowned" and owner is None)
+                                        or (merchant is not None and owner == merchant))
+        rows = list(policy.rows_function(topic, merchant)(dict(message)))
+        view = policy.view_function(topic, merchant)(dict(message))
+        assert (view is not None) == visible
+        if not visible:
+            assert rows == []
+            continue
+        for shown in (view, *rows):
+            assert not set(rule.drop_columns) & set(shown)
+        if rule.policy != "public":
+            assert all(row.get("merchant_id") in (None, merchant) for row in rows)
+        if rule.flatten:
+            offers = message.get("offers")
+            assert len(rows) == (sum(isinstance(offer, dict) for offer in offers) if isinstance(offers, list) else 0)
+            assert all(not set(rule.drop_columns) & set(offer) for offer in view.get("offers") or []
+                       if isinstance(offer, dict))
+        else:
+            assert rows == [view]
+
+
+def test_an_anonymous_reader_gets_no_rows_of_an_owner_topic_even_of_unowned_messages() -> None:
+    policy = VisibilityPolicy(default_topic_rules())
+    assert list(policy.rows_function("buyOffer", None)({"price": 1.0})) == []
+    assert list(policy.rows_function("buyOffer", None)({"merchant_id": None, "price": 1.0})) == []
+    assert policy.view_function("profit", None)({"merchant_id": None}) is None
+
+
+def test_an_unknown_policy_shows_nothing() -> None:
+    policy = VisibilityPolicy({"t": TopicExportConfig(policy="owners")})
+    assert list(policy.rows_function("t", ME)({"merchant_id": ME})) == []
+    assert policy.view_function("t", ME)({"merchant_id": ME}) is None
