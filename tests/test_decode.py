@@ -105,9 +105,11 @@ def same_json(a: typing.Any, b: typing.Any) -> bool:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(kafka_records(written_timestamps), max_size=40), st.booleans())
 def test_a_batch_is_forwarded_exactly_as_record_by_record(batch: list[Message], drop_failed_requests: bool) -> None:
-    fast, slow = collections.Counter(), collections.Counter()
-    assert decoder(drop_failed_requests).forward(batch, fast) == one_by_one(decoder(drop_failed_requests), batch, slow)
+    fast, slow, consumed = collections.Counter(), collections.Counter(), collections.Counter()
+    assert decoder(drop_failed_requests).forward(batch, consumed, fast) == one_by_one(decoder(drop_failed_requests),
+                                                                                      batch, slow)
     assert fast == slow
+    assert consumed == collections.Counter(message.topic() for message in batch)
 
 
 @settings(max_examples=300, deadline=None)
@@ -116,7 +118,7 @@ def test_forwarded_envelopes_follow_the_record_rule_and_the_wire_format(batch: l
                                                                         drop_failed_requests: bool) -> None:
     skipped: collections.Counter[tuple[str, str]] = collections.Counter()
     before_ms = int(time.time() * 1000)
-    forwarded = iter(decoder(drop_failed_requests).forward(batch, skipped))
+    forwarded = iter(decoder(drop_failed_requests).forward(batch, collections.Counter(), skipped))
     expected_skips: collections.Counter[tuple[str, str]] = collections.Counter()
     for message in batch:
         verdict, detail = expected_record(message, drop_failed_requests)
@@ -143,7 +145,8 @@ def test_nan_infinity_and_out_of_range_numbers_never_reach_a_client() -> None:
     batch = [kafka_record(PLAIN, 0, offset, value, BASE_TIME_MS)
              for offset, value in enumerate([b'{"n":NaN}', b'{"n":1}', b'{"n":Infinity}', b'{"n":-1e400}'])]
     skipped: collections.Counter[tuple[str, str]] = collections.Counter()
-    assert [json.loads(envelope)["value"] for _, _, envelope in decoder().forward(batch, skipped)] == [{"n": 1}]
+    forwarded = decoder().forward(batch, collections.Counter(), skipped)
+    assert [json.loads(envelope)["value"] for _, _, envelope in forwarded] == [{"n": 1}]
     assert skipped == {(PLAIN, "invalid_json"): 2, (PLAIN, "non_finite_number"): 1}
 
 
@@ -152,8 +155,8 @@ def test_hidden_fields_are_removed_and_failed_requests_dropped() -> None:
              kafka_record(HIDDEN, 1, 8, b'{"signature":"SECRET","http_code":500}', BASE_TIME_MS),
              kafka_record(PLAIN, 0, 9, b'{"http_code":"409"}', BASE_TIME_MS)]
     skipped: collections.Counter[tuple[str, str]] = collections.Counter()
-    forwarded = decoder().forward(batch, skipped)
+    forwarded = decoder().forward(batch, collections.Counter(), skipped)
     assert [json.loads(envelope)["value"] for _, _, envelope in forwarded] == [{"n": 1}]
     assert "SECRET" not in forwarded[0][2]
     assert skipped == {(HIDDEN, "failed_request"): 1, (PLAIN, "failed_request"): 1}
-    assert len(decoder(drop_failed_requests=False).forward(batch, collections.Counter())) == 3
+    assert len(decoder(drop_failed_requests=False).forward(batch, collections.Counter(), collections.Counter())) == 3

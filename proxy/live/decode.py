@@ -8,6 +8,7 @@ import threading
 import time
 import typing
 
+import orjson
 import ujson
 
 from proxy import metrics, records
@@ -99,42 +100,49 @@ class RecordDecoder:
         return topic, timestamp, wire.render_envelope(self._prefix[topic], message.partition(), message.offset(),
                                                       timestamp, text)
 
-    def forward(self, messages: list[typing.Any], skipped: collections.Counter[tuple[str, str]]) -> list[LiveRecord]:
+    def forward(self, messages: list[typing.Any], consumed: collections.Counter[str],
+                skipped: collections.Counter[tuple[str, str]]) -> list[LiveRecord]:
         """envelope() of each record of a batch that accept() takes, in one loop (the consumer thread's,
-        while clients are connected and will see every record).
+        while clients are connected and will see every record); counts every record in consumed.
 
-        At a backlog drain this loop runs for every record, so accept() and envelope() are inlined:
-        each record is decoded once and its fields read once. Topics with hidden fields take
-        envelope() itself (their values are re-encoded anyway).
+        At a backlog drain this loop runs for every record, so accept() and envelope() are inlined
+        for the common case, each record decoded once and its fields read once: a value of at most
+        max_record_bytes that orjson reads as an object, of a topic without hidden fields. That is
+        exactly what records.decode_value() accepts without a detour, decoded by the same call; and
+        such a value has no byte order mark (orjson refuses one), so its text is its bytes. Every
+        other record (tombstone, too large, byte order mark, malformed, hidden fields) takes
+        accept() and envelope() themselves. tests/test_decode.py holds the two ways equal.
         """
         rendered: list[LiveRecord] = []
         append = rendered.append
-        decode_value, value_text, is_failed = records.decode_value, records.value_text, records.is_failed_request
+        loads, decode_error, is_failed = orjson.loads, orjson.JSONDecodeError, records.is_failed_request
         prefixes, hidden, max_bytes = self._prefix, self._hidden, self.max_record_bytes
         drop_failed = self.drop_failed_requests
         now_ms = int(time.time() * 1000)
         for message in messages:
             topic, raw = message.topic(), message.value()
-            try:
-                value = decode_value(raw, max_bytes)
-            except records.SkippedRecord as skip:
-                self._skip(message, topic, skip.reason, skipped)
-                continue
-            if drop_failed and value.get("http_code", 200) != 200 and is_failed(value):
-                skipped[topic, "failed_request"] += 1
-                continue
-            if topic in hidden:
+            consumed[topic] += 1
+            if raw is not None and len(raw) <= max_bytes and topic not in hidden:
+                try:
+                    value = loads(raw)
+                except decode_error:
+                    value = None
+                if type(value) is dict:
+                    if drop_failed and value.get("http_code", 200) != 200 and is_failed(value):
+                        skipped[topic, "failed_request"] += 1
+                        continue
+                    kind, timestamp = message.timestamp()
+                    if not kind:  # TIMESTAMP_NOT_AVAILABLE
+                        timestamp = now_ms
+                    # wire.render_envelope() as an f-string: one allocation, the cheapest way CPython
+                    # builds this text.
+                    append((topic, timestamp, f'{prefixes[topic]}{message.partition()},"offset":{message.offset()},'
+                                              f'"timestamp":{timestamp},"value":{raw.decode("utf-8")}}}'))
+                    continue
+            if self.accept(message, skipped):
                 record = self.envelope(message, skipped)
                 if record is not None:
                     append(record)
-                continue
-            kind, timestamp = message.timestamp()
-            if not kind:  # TIMESTAMP_NOT_AVAILABLE
-                timestamp = now_ms
-            # wire.render_envelope() as an f-string: one allocation, the cheapest way CPython builds
-            # this text (tests/test_decode.py holds the two equal).
-            append((topic, timestamp, f'{prefixes[topic]}{message.partition()},"offset":{message.offset()},'
-                                      f'"timestamp":{timestamp},"value":{value_text(raw)}}}'))
         return rendered
 
     def envelopes(self, messages: list[typing.Any], skipped: collections.Counter[tuple[str, str]]) -> list[LiveRecord]:

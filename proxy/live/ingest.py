@@ -267,12 +267,12 @@ class KafkaIngest:
                 self.health.unreachable(str(exc))
                 break
             read += len(records)
-            # Counting in C (map) instead of per record in Python: this loop is the ingest ceiling.
-            consumed.update(map(_topic_of, records))
             if render:
                 # Clients will see every record: render each in the loop that decodes it, once.
-                items += self.decoder.forward(records, skipped)
+                items += self.decoder.forward(records, consumed, skipped)
             else:
+                # Counting in C (map) instead of per record in Python: this loop is the ingest ceiling.
+                consumed.update(map(_topic_of, records))
                 items += [message for message in records if accept(message, skipped)]
             if len(records) < READ_SIZE:
                 break  # nothing more was queued
