@@ -61,7 +61,11 @@ class SkippedRecord(Exception):
 
 
 def decode_value(raw: bytes | None, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, typing.Any]:
-    """The JSON object of a record value; raises SkippedRecord saying why there is none."""
+    """The JSON object of a record value; raises SkippedRecord saying why there is none.
+
+    The live stream's RecordDecoder.forward() inlines the common case (at most max_bytes, orjson
+    reads an object): a change to the rule changes it there too (tests/test_decode.py compares them).
+    """
     if raw is None:
         raise SkippedRecord("tombstone")
     if len(raw) > max_bytes:
