@@ -489,7 +489,7 @@ def test_rows_are_ordered_by_record_timestamp_across_partitions(export_broker: T
         produce(export_broker.bootstrap_servers, topic, messages, [partition] * len(times), times)
     service = ExportService({"bootstrap.servers": export_broker.bootstrap_servers},
                             VisibilityPolicy({topic: default_topic_rules()["profit"]}),
-                            DataFolder(str(tmp_path), 3600, 1024 ** 3), read_ahead=4)
+                            DataFolder(str(tmp_path), 3600, 1024 ** 3), read_ahead_bytes=3 * 4 * 200)
     result = asyncio.run(service.export_to_file(topic, MERCHANTS[0]))
     with open(tmp_path / result.filename, encoding="utf-8") as handle:
         rows = csv_rows(handle.read())

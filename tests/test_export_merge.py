@@ -12,12 +12,13 @@ import typing
 import uuid
 
 from confluent_kafka import Message
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import TopicExportConfig
 from proxy.export.data_folder import DataFolder
-from proxy.export.scan import PartitionScanner
+from proxy.export.scan import PartitionScanner, ScannedRecords, buffered_bytes
 from proxy.export.service import ExportService
 from proxy.kafka import BEGINNING, Batch, PartitionKey
 from proxy.policy import VisibilityPolicy
@@ -45,14 +46,19 @@ class ReplayedKafka:
 
     Batches of random sizes, a partition's records in runs, the end event once a partition's
     last record has been served (later records are appended after it and must be ignored),
-    and after a resume, some records served again.
+    and after a resume, some records served again. Values are value_of(key, offset), padded to
+    value_bytes.
     """
 
-    def __init__(self, partitions: dict[PartitionKey, list[tuple[int, int]]], seed: int):
+    def __init__(self, partitions: dict[PartitionKey, list[tuple[int, int]]], seed: int, value_bytes: int = 0):
         self._random = random.Random(seed)
-        self._messages = {key: [Message(topic=key[0], partition=key[1], offset=offset, value=b"{}",
+        self._messages = {key: [Message(topic=key[0], partition=key[1], offset=offset,
+                                        value=value_of(key, offset).ljust(value_bytes),
                                         timestamp=(1, timestamp)) for offset, timestamp in records]
                           for key, records in partitions.items()}
+        # Per partition, how many of its records were served at least once (a record served again
+        # after a resume is counted once).
+        self.served_through: dict[PartitionKey, int] = dict.fromkeys(partitions, 0)
         self._position: dict[PartitionKey, int] = {}
         self._ended: set[PartitionKey] = set()
         self._paused: set[PartitionKey] = set()
@@ -91,6 +97,7 @@ class ReplayedKafka:
             run = messages[position:position + self._random.randint(1, 7)]
             records += run
             self._position[key] = position + len(run)
+            self.served_through[key] = max(self.served_through[key], self._position[key])
             if self._position[key] >= len(messages):
                 ends[key] = len(records)
                 self._ended.add(key)
@@ -104,12 +111,26 @@ class ReplayedKafka:
     def close(self) -> None:
         pass
 
+    def served_bytes(self) -> int:
+        """What the distinct records served so far cost buffered (proxy.export.scan.buffered_bytes)."""
+        return sum(buffered_bytes(message.value() for message in self._messages[key][:count])
+                   for key, count in self.served_through.items())
 
-def replaying_scanner(kafka: ReplayedKafka, read_ahead: int) -> PartitionScanner:
+
+def value_of(key: PartitionKey, offset: int) -> bytes:
+    return f'{{"topic":"{key[0]}","partition":{key[1]},"offset":{offset}}}'.encode()
+
+
+def replaying_scanner(kafka: ReplayedKafka, read_ahead_bytes: int) -> PartitionScanner:
     scanner = PartitionScanner.__new__(PartitionScanner)
-    scanner._timeout, scanner._cancelled, scanner._read_ahead = 10.0, threading.Event(), read_ahead
+    scanner._timeout, scanner._cancelled, scanner._read_ahead_bytes = 10.0, threading.Event(), read_ahead_bytes
     scanner._reader = kafka
     return scanner
+
+
+def scanned_records(pieces: typing.Iterable[ScannedRecords]) -> list[tuple[str, int, int]]:
+    return [(topic, partition, offset) for piece in pieces for (topic, partition), offset in
+            zip(piece.partitions, piece.offsets)]
 
 
 # Timestamps from a few values, so that equal ones across partitions are common, and clocks that go back.
@@ -130,28 +151,57 @@ def test_the_scan_yields_the_k_way_merge_of_its_partitions_in_any_batches(data: 
     ends = {key: data.draw(st.integers(0, 100), label=f"end of {key}") for key in keys
             if data.draw(st.booleans(), label=f"{key} has an end")}
     kafka = ReplayedKafka(partitions, seed)
-    scanned = list(replaying_scanner(kafka, read_ahead).read_merged(starts, ends))
-    got = [(record.topic(), record.partition(), record.offset()) for piece in scanned for record in piece.records]
+    # read_ahead: records per partition, of the size of these
+    read_ahead_bytes = read_ahead * len(keys) * buffered_bytes([value_of(("a", 0), 0)])
+    scanned = list(replaying_scanner(kafka, read_ahead_bytes).read_merged(starts, ends))
+    got = scanned_records(scanned)
     assert got == merged_oracle(partitions, starts, ends)
-    stamps = [stamp for piece in scanned for stamp in piece.timestamps]
-    assert stamps == [record.timestamp()[1] for piece in scanned for record in piece.records]
+    # Every record keeps its own value and timestamp.
+    assert [value for piece in scanned for value in piece.values] == [value_of((topic, partition), offset)
+                                                                      for topic, partition, offset in got]
+    stamp_of = {(key, offset): stamp for key, records in partitions.items() for offset, stamp in records}
+    assert [stamp for piece in scanned for stamp in piece.timestamps] == [
+        stamp_of[((topic, partition), offset)] for topic, partition, offset in got]
 
 
 def test_a_partition_far_ahead_in_time_is_paused_rather_than_buffered_whole() -> None:
     late = {("a", 0): [(offset, BASE_TIME_MS + 10 ** 6 + offset) for offset in range(500)],
             ("a", 1): [(offset, BASE_TIME_MS + offset) for offset in range(500)]}
     kafka = ReplayedKafka(late, seed=7)
-    scanner = replaying_scanner(kafka, read_ahead=20)
+    record_bytes = buffered_bytes([value_of(("a", 0), 0)])
+    scanner = replaying_scanner(kafka, read_ahead_bytes=2 * 20 * record_bytes)
     held = 0
     got: list[tuple[str, int, int]] = []
     for piece in scanner.read_merged({key: BEGINNING for key in late}):
         # Read from Kafka but not handed on yet (the pieces before this one are).
-        held = max(held, kafka.served - len(got))
-        got += [(record.topic(), record.partition(), record.offset()) for record in piece.records]
+        held = max(held, sum(kafka.served_through.values()) - len(got))
+        got += scanned_records([piece])
     assert got == merged_oracle(late, {key: BEGINNING for key in late}, {})
     assert kafka.pauses > 0
     # Bounded by the read-ahead of both partitions and a read (25 records here), not by their length.
     assert held <= 2 * (20 + 25)
+
+
+@pytest.mark.parametrize("value_bytes", [2, 300, 20_000])
+def test_the_merge_holds_no_more_bytes_than_its_read_ahead_whatever_the_record_size(value_bytes: int) -> None:
+    """Memory is bounded by construction: in bytes, not in records whose size depends on the topic."""
+    stamps = random.Random(5)
+    # Partition 1 runs far ahead in time for most of its records, so its buffer fills.
+    partitions = {("a", partition): [(offset, BASE_TIME_MS + stamps.randint(0, 50) + offset * (1 + 3 * partition))
+                                     for offset in range(400)] for partition in range(3)}
+    kafka = ReplayedKafka(partitions, seed=11, value_bytes=value_bytes)
+    read_ahead_bytes = 64 * 1024
+    scanner = replaying_scanner(kafka, read_ahead_bytes)
+    handed_on, most_held = 0, 0
+    got = []
+    for piece in scanner.read_merged({key: BEGINNING for key in partitions}):
+        most_held = max(most_held, kafka.served_bytes() - handed_on)
+        handed_on += buffered_bytes(piece.values)
+        got += scanned_records([piece])
+    assert got == merged_oracle(partitions, {key: BEGINNING for key in partitions}, {})
+    largest_record = buffered_bytes([max((value_of(key, 399).ljust(value_bytes) for key in partitions), key=len)])
+    # Each partition's share, and what one read (25 records here) may add to a full buffer.
+    assert most_held <= read_ahead_bytes + 3 * 25 * largest_record
 
 
 def test_a_producer_clock_that_goes_back_keeps_each_partitions_order(broker, tmp_path) -> None:
@@ -171,7 +221,7 @@ def test_a_producer_clock_that_goes_back_keeps_each_partitions_order(broker, tmp
         partitions[(topic, partition)] = list(enumerate(stamps))
     service = ExportService({"bootstrap.servers": broker.bootstrap_servers, "fetch.wait.max.ms": 10},
                             VisibilityPolicy({topic: TopicExportConfig(policy="public")}),
-                            DataFolder(str(tmp_path), 3600, 1024 ** 3), read_ahead=50)
+                            DataFolder(str(tmp_path), 3600, 1024 ** 3), read_ahead_bytes=3 * 50 * 200)
     result = asyncio.run(service.export_to_file(topic, "merchant"))
     with open(tmp_path / result.filename, encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(io.StringIO(handle.read())))

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import itertools
 import logging
-import operator
 import typing
 from collections.abc import Iterator
 
@@ -21,7 +20,7 @@ from proxy import records
 from proxy.export.errors import NotExportable, UnknownTopic
 from proxy.export.scan import PartitionScanner, ScannedRecords
 from proxy.kafka import BEGINNING, PartitionKey
-from proxy.policy import OWNER_FIELD, VisibilityPolicy
+from proxy.policy import ViewFunction, VisibilityPolicy
 
 # Columns of the export of all topics at once (GET /export/data).
 ALL_TOPICS_COLUMNS = ("topic", "partition", "offset", "timestamp", "value")
@@ -30,10 +29,6 @@ ALL_TOPICS_LABEL = "all"
 # The export's lines keep the export's logger name.
 log = logging.getLogger("proxy.export")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-# Owners whose visibility an export remembers: a topic has a few merchants, but anyone can write
-# any merchant_id, so the memory is bounded.
-_REMEMBERED_OWNERS = 1024
-_value_of = operator.methodcaller("value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +70,10 @@ class ExportRows:
         # Records of the requested range the export skipped, by reason (proxy.records.REASONS).
         self.skipped: collections.Counter[str] = collections.Counter()
         self.columns = ALL_TOPICS_COLUMNS if request.topic is None else policy.columns(request.topic)
-        # The policy's answer per owner of the topic's records: visibility depends on nothing else
-        # (is_visible_owner).
-        self._visible_owners: dict[typing.Any, bool] = {}
+        # The policy's rows of one message (topic export), or its visible message per topic (all
+        # topics): decided once per export, called per record.
+        self._rows_of = None if request.topic is None else policy.rows_function(request.topic, request.merchant_id)
+        self._views: dict[str, ViewFunction] = {}
         partitions = self._partitions_to_read(request.topic)
         self._starts: dict[PartitionKey, int] = {}
         self._ends: dict[PartitionKey, int] = {}
@@ -133,7 +129,7 @@ class ExportRows:
         end, rows = start, 0
         while True:
             for scanned in self.scanner.read_range(topic, partition, start, stop):
-                end = max(end, scanned.records[-1].offset() + 1)
+                end = max(end, scanned.offsets[-1] + 1)
                 rows += len(self._visible_rows(scanned, count_skipped=False))
             if rows >= limit or start <= low:
                 return _Tail(start, end, rows)
@@ -147,22 +143,19 @@ class ExportRows:
         it costs only itself, never the export.
         """
         request = self.request
-        topic, merchant_id = request.topic, request.merchant_id
-        scanned_records, stamps = scanned
+        partitions, offsets, values, stamps = scanned
         if request.from_ms is not None or request.to_ms is not None:
             # Kafka's record timestamp, not the message's own field: filtered while scanning because
             # offsets_for_times is not reliable on every broker.
             low = -(2 ** 63) if request.from_ms is None else request.from_ms
             high = 2 ** 63 if request.to_ms is None else request.to_ms
             in_range = [low <= stamp <= high for stamp in stamps]
-            scanned_records = list(itertools.compress(scanned_records, in_range))
-            stamps = list(itertools.compress(stamps, in_range))
+            partitions, offsets, values, stamps = (list(itertools.compress(column, in_range)) for column in scanned)
         decode, loads, max_bytes = records.decode_value, orjson.loads, self.max_record_bytes
-        is_visible_owner, visible_owners = self.policy.is_visible_owner, self._visible_owners
-        visible_rows = self.policy.visible_rows
+        rows_of = self._rows_of
         rows: list[dict[str, typing.Any]] = []
         # This loop runs once per record of every export: no per-record helper calls but the policy's.
-        for record, raw, stamp in zip(scanned_records, map(_value_of, scanned_records), stamps):
+        for position, raw in enumerate(values):
             try:
                 # The record rule's common case inline: a value within max_bytes that orjson reads
                 # as an object is what records.decode_value() returns. It reads anything else
@@ -173,46 +166,37 @@ class ExportRows:
                     message = None
                 if type(message) is not dict:
                     message = decode(raw, max_bytes)
-                # Most records of an owner topic are other merchants': asked first, it is the cheap question.
-                owner = message.get(OWNER_FIELD)
-                if topic is None:
-                    visible = is_visible_owner(record.topic(), owner, merchant_id)
-                else:
-                    try:
-                        visible = visible_owners[owner]
-                    except KeyError:
-                        visible = is_visible_owner(topic, owner, merchant_id)
-                        if len(visible_owners) < _REMEMBERED_OWNERS:
-                            visible_owners[owner] = visible
-                    except TypeError:  # an owner that is a list or an object
-                        visible = is_visible_owner(topic, owner, merchant_id)
-                if not visible:
-                    continue
                 # Built whole before the first is written: a record is exported entirely or not at all.
-                rows += self._all_topics_rows(record, stamp, message) if topic is None else list(
-                    visible_rows(topic, message, merchant_id))
+                if rows_of is not None:
+                    rows += rows_of(message)
+                else:
+                    rows += self._all_topics_rows(partitions[position], offsets[position], stamps[position], message)
             except records.SkippedRecord as skip:
                 if count_skipped:
                     self.skipped[skip.reason] += 1
             except Exception:  # one record must not end every merchant's export of the topic
                 if count_skipped:
-                    self._cannot_render(record)
+                    self._cannot_render(partitions[position], offsets[position])
         return rows
 
-    def _all_topics_rows(self, record: typing.Any, timestamp: int,
+    def _all_topics_rows(self, key: PartitionKey, offset: int, timestamp: int,
                          message: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
         """The all-topics export's row of one record, if the merchant may see it."""
-        visible = self.policy.visible_message(record.topic(), message, self.request.merchant_id)
+        topic, partition = key
+        try:
+            view = self._views[topic]
+        except KeyError:
+            view = self._views[topic] = self.policy.view_function(topic, self.request.merchant_id)
+        visible = view(message)
         if visible is None:
             return []
-        return [{"topic": record.topic(), "partition": record.partition(), "offset": record.offset(),
-                 "timestamp": iso_time(timestamp), "value": visible}]
+        return [{"topic": topic, "partition": partition, "offset": offset, "timestamp": iso_time(timestamp),
+                 "value": visible}]
 
-    def _cannot_render(self, record: typing.Any) -> None:
+    def _cannot_render(self, key: PartitionKey, offset: int) -> None:
         if not self.skipped["cannot_render"]:
             # Once per export, with the traceback: this is a bug to fix, not bad input.
-            log.exception("export skips %s[%d] offset %d: it cannot be turned into rows", record.topic(),
-                          record.partition(), record.offset())
+            log.exception("export skips %s[%d] offset %d: it cannot be turned into rows", key[0], key[1], offset)
         self.skipped["cannot_render"] += 1
 
 

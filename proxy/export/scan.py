@@ -31,16 +31,19 @@ EXPORT_CONSUMER_DEFAULTS = {
     "auto.offset.reset": "earliest",
     "allow.auto.create.topics": "false",
 }
-# Records buffered per partition by the merge. A partition is paused while its buffer is full,
-# which drops what librdkafka had fetched for it: once the merge has used up the buffer, it waits
-# for a new fetch. Producers write runs of records to one partition at a time (librdkafka's sticky
-# partitioner): bench/export_scan.py's topic has runs of ~1,300 records (10 % over 3,600). At
-# 2,000 nearly every run stalled the scan (4x slower on a busy machine); 6,000 holds most runs,
-# and more only raises the peak RSS.
-READ_AHEAD_RECORDS = 6_000
-# The bound for all partitions of an export together (an all-topics export reads about 50), so
-# memory never exceeds what 2,000 records per partition could take.
-READ_AHEAD_TOTAL_RECORDS = 104_000
+# Bytes of records the merge buffers for one export, all its partitions together: memory is
+# bounded by construction, whatever the topic's records look like. Each partition gets an equal
+# share, and is paused while its buffer holds that much. Pausing drops what librdkafka had fetched
+# for it: once the merge has used up the buffer, it waits for a new fetch. Producers write runs of
+# records to one partition at a time (librdkafka's sticky partitioner): bench/export_scan.py's
+# topic has runs of ~1,300 records (10 % over 3,600). At 2,000 records per partition nearly every
+# run stalled the scan (4x slower on a busy machine); 8 MiB over 4 partitions is ~5,000 of its
+# ~270-byte records each (12 MiB was no faster, and its peak RSS grew 1.10 x from a 100k to a
+# 500k export), and an all-topics export (about 50 partitions) gets ~160 kB each.
+READ_AHEAD_BYTES = 8 * 1024 * 1024
+# What a buffered record costs besides its value: the bytes object's header, the offset and
+# timestamp ints and three list slots (CPython 3.11, 64 bit).
+RECORD_OVERHEAD_BYTES = 128
 # Records handed on at a time: bounds the rows and CSV text an export builds at once.
 SLICE_RECORDS = 1_000
 
@@ -48,6 +51,8 @@ SLICE_RECORDS = 1_000
 # statement per record is what an export's time goes to.
 _topic_of = operator.methodcaller("topic")
 _partition_of = operator.methodcaller("partition")
+_offset_of = operator.methodcaller("offset")
+_value_of = operator.methodcaller("value")
 _timestamp_of = operator.methodcaller("timestamp")
 _epoch_ms = operator.itemgetter(1)  # of timestamp(): (type, milliseconds)
 
@@ -57,33 +62,53 @@ class ScanCancelled(Exception):
 
 
 class ScannedRecords(typing.NamedTuple):
-    """Kafka records (topic(), partition(), offset(), value()) and their timestamps (epoch ms, -1: none)."""
+    """Kafka records as columns: per record its (topic, partition), offset, value and timestamp (epoch ms, -1: none).
 
-    records: list[typing.Any]
+    Only what rows are made of: confluent_kafka's Message objects (with a topic string each) are
+    let go as soon as a read is sorted out, so the scan's memory is that of the values.
+    """
+
+    partitions: list[PartitionKey]
+    offsets: list[int]
+    values: list[bytes | None]
     timestamps: list[int]
 
 
-def timestamps_of(records: Iterable[typing.Any]) -> list[int]:
-    return list(map(_epoch_ms, map(_timestamp_of, records)))
+def buffered_bytes(values: Iterable[bytes | None]) -> int:
+    """What records with these values cost in memory, about (RECORD_OVERHEAD_BYTES each besides the value)."""
+    values = list(values)
+    return sum(map(len, filter(None, values))) + RECORD_OVERHEAD_BYTES * len(values)
+
+
+def _columns(records: list[typing.Any]) -> tuple[list[int], list[bytes | None], list[int]]:
+    """Offsets, values and timestamps (epoch ms) of confluent_kafka Messages."""
+    return (list(map(_offset_of, records)), list(map(_value_of, records)),
+            list(map(_epoch_ms, map(_timestamp_of, records))))
 
 
 class _Buffered:
     """One partition's records waiting for the merge, and how many of the first ones are in time order."""
 
-    __slots__ = ("records", "timestamps", "in_order", "next_offset")
+    __slots__ = ("key", "offsets", "values", "timestamps", "size", "in_order", "next_offset")
 
-    def __init__(self, start: int):
-        self.records: list[typing.Any] = []
+    def __init__(self, key: PartitionKey, start: int):
+        self.key = key
+        self.offsets: list[int] = []
+        self.values: list[bytes | None] = []
         self.timestamps: list[int] = []
+        # Bytes held (buffered_bytes): what the read-ahead bound counts.
+        self.size = 0
         # The first in_order records are known to be in timestamp order.
         self.in_order = 0
         # Guards against records fetched twice (after a resume) or from before the start.
         self.next_offset = max(start, 0)
 
-    def add(self, records: list[typing.Any]) -> None:
-        self.records += records
-        self.timestamps += timestamps_of(records)
-        self.next_offset = records[-1].offset() + 1
+    def add(self, offsets: list[int], values: list[bytes | None], timestamps: list[int]) -> None:
+        self.offsets += offsets
+        self.values += values
+        self.timestamps += timestamps
+        self.size += buffered_bytes(values)
+        self.next_offset = offsets[-1] + 1
 
     def ordered(self) -> int:
         """How many of the first records are in timestamp order (a producer's clock may go back)."""
@@ -104,8 +129,10 @@ class _Buffered:
         return known
 
     def take(self, count: int) -> ScannedRecords:
-        taken = ScannedRecords(self.records[:count], self.timestamps[:count])
-        del self.records[:count], self.timestamps[:count]
+        values = self.values[:count]
+        taken = ScannedRecords([self.key] * len(values), self.offsets[:count], values, self.timestamps[:count])
+        del self.offsets[:count], self.values[:count], self.timestamps[:count]
+        self.size -= buffered_bytes(values)
         self.in_order = max(0, self.in_order - count)
         return taken
 
@@ -118,15 +145,19 @@ class PartitionScanner:
     client errors become proxy.kafka.KafkaUnavailable, a cancel ScanCancelled.
     """
 
-    # Records per read of the client's queue.
-    BATCH = 5_000
+    # Records per read of the client's queue: also what a partition's buffer may take beyond its
+    # share of the read-ahead, in the read that fills it.
+    BATCH = 1_000
 
     def __init__(self, properties: Mapping[str, typing.Any], timeout: float, cancelled: threading.Event,
-                 read_ahead: int = READ_AHEAD_RECORDS, secrets: Iterable[str] = ()):
-        """secrets: the values of ${VAR}s in the properties, blanked out of every librdkafka log line."""
+                 read_ahead_bytes: int = READ_AHEAD_BYTES, secrets: Iterable[str] = ()):
+        """read_ahead_bytes: the records (buffered_bytes) the merge may hold, all partitions together.
+
+        secrets: the values of ${VAR}s in the properties, blanked out of every librdkafka log line.
+        """
         self._timeout = timeout
         self._cancelled = cancelled
-        self._read_ahead = max(2, read_ahead)
+        self._read_ahead_bytes = read_ahead_bytes
         try:
             self._reader = KafkaReader(properties, defaults=EXPORT_CONSUMER_DEFAULTS, secrets=secrets,
                                        record_errors_fail=True)
@@ -167,7 +198,7 @@ class PartitionScanner:
                     if record.topic() == topic and record.partition() == partition]
             records = [record for record in mine if start <= record.offset() and (end is None or record.offset() < end)]
             if records:
-                yield ScannedRecords(records, timestamps_of(records))
+                yield ScannedRecords([key] * len(records), *_columns(records))
             if at_end is not None or (end is not None and mine and mine[-1].offset() >= end - 1):
                 return
 
@@ -178,9 +209,8 @@ class PartitionScanner:
         The end is the partition's end as of the read (its EOF event), or ends[partition] (an
         offset once read) if given. The order is that of a k-way merge on (timestamp, topic,
         partition, offset): a partition's records keep their offset order. Memory does not grow
-        with the topic: each partition buffers about `read_ahead` records (it is paused while
-        full; fewer when the export reads many partitions), and records go out in lists of what
-        the buffers allow, at most SLICE_RECORDS at a time.
+        with the topic: each partition buffers about its share of read_ahead_bytes (it is paused while
+        full), and records go out in lists of what the buffers allow, at most SLICE_RECORDS at a time.
         """
         if not starts:
             return
@@ -188,13 +218,13 @@ class PartitionScanner:
         reader = self._reader
         reader.assign(starts)
         keys = sorted(starts)
-        buffered = {key: _Buffered(offset) for key, offset in starts.items()}
+        buffered = {key: _Buffered(key, offset) for key, offset in starts.items()}
         not_at_end = set(starts)
         # Partitions not at their end with nothing buffered: the merge cannot go on without them.
         starving = set(starts)
         paused: set[PartitionKey] = set()
-        read_ahead = max(2, min(self._read_ahead, READ_AHEAD_TOTAL_RECORDS // len(starts)))
-        resume_below = read_ahead // 2
+        share = self._read_ahead_bytes // len(starts)
+        resume_below = share // 2
 
         def reached_end(key: PartitionKey) -> None:
             not_at_end.discard(key)
@@ -218,18 +248,21 @@ class PartitionScanner:
                         # Records at or past the end event were written after this partition's end.
                         records = records[:max(0, batch_ends.get(key, index) - first)]
                         buffer = buffered[key]
-                        if records and records[0].offset() < buffer.next_offset:
-                            records = [record for record in records if record.offset() >= buffer.next_offset]
+                        offsets = list(map(_offset_of, records))
                         end = ends.get(key)
-                        past_end = end is not None and bool(records) and records[-1].offset() >= end
-                        if past_end:
-                            records = [record for record in records if record.offset() < end]
+                        past_end = end is not None and bool(offsets) and offsets[-1] >= end
+                        if offsets and (offsets[0] < buffer.next_offset or past_end):
+                            # Read before (after a resume), before the start, or past the requested end.
+                            keep = [buffer.next_offset <= offset and (end is None or offset < end) for offset in offsets]
+                            records = list(itertools.compress(records, keep))
+                            offsets = list(itertools.compress(offsets, keep))
                         if records:
-                            buffer.add(records)
+                            buffer.add(offsets, list(map(_value_of, records)),
+                                       list(map(_epoch_ms, map(_timestamp_of, records))))
                             starving.discard(key)
                         if past_end or (end is not None and buffer.next_offset >= end):
                             reached_end(key)
-                        elif len(buffer.records) >= read_ahead and key not in paused:
+                        elif buffer.size >= share and key not in paused:
                             reader.pause([key])
                             paused.add(key)
                 for key in batch_ends:
@@ -241,14 +274,13 @@ class PartitionScanner:
                 return
             for key in keys:
                 buffer = buffered[key]
-                if key in paused and len(buffer.records) <= resume_below:
+                if key in paused and buffer.size <= resume_below:
                     reader.resume([key])
                     paused.discard(key)
-                if not buffer.records and key in not_at_end:
+                if not buffer.offsets and key in not_at_end:
                     starving.add(key)
-            for start in range(0, len(merged.records), SLICE_RECORDS):
-                yield ScannedRecords(merged.records[start:start + SLICE_RECORDS],
-                                     merged.timestamps[start:start + SLICE_RECORDS])
+            for start in range(0, len(merged.offsets), SLICE_RECORDS):
+                yield ScannedRecords(*(column[start:start + SLICE_RECORDS] for column in merged))
 
     @staticmethod
     def _merge_step(keys: list[PartitionKey], buffered: Mapping[PartitionKey, _Buffered],
@@ -265,9 +297,9 @@ class PartitionScanner:
         ordered: dict[PartitionKey, int] = {}
         for key in keys:
             buffer = buffered[key]
-            if buffer.records:
+            if buffer.offsets:
                 count = ordered[key] = buffer.ordered()
-                if key in not_at_end or count < len(buffer.records):
+                if key in not_at_end or count < len(buffer.offsets):
                     last = (buffer.timestamps[count - 1], key)
                     if bound is None or last < bound:
                         bound = last
@@ -284,12 +316,11 @@ class PartitionScanner:
                 pieces.append(buffered[key].take(count))
         if len(pieces) == 1:
             return pieces[0]
-        records = list(itertools.chain.from_iterable(piece.records for piece in pieces))
-        stamps = list(itertools.chain.from_iterable(piece.timestamps for piece in pieces))
+        columns = [list(itertools.chain.from_iterable(column)) for column in zip(*pieces)]
         # Pieces in (topic, partition) order, each in offset order: a stable sort by timestamp
         # puts equal timestamps in (topic, partition, offset) order.
-        order = sorted(range(len(stamps)), key=stamps.__getitem__)
-        return ScannedRecords(list(map(records.__getitem__, order)), list(map(stamps.__getitem__, order)))
+        order = sorted(range(len(columns[-1])), key=columns[-1].__getitem__)
+        return ScannedRecords(*(list(map(column.__getitem__, order)) for column in columns))
 
     def _next_batch(self) -> Batch:
         """The next records and partition ends, waiting for at least one; stops on cancel or a silent Kafka."""

@@ -34,7 +34,7 @@ from proxy.export.errors import (
     UnknownTopic,
 )
 from proxy.export.rows import ExportRequest, ExportRows
-from proxy.export.scan import READ_AHEAD_RECORDS, PartitionScanner, ScanCancelled
+from proxy.export.scan import READ_AHEAD_BYTES, PartitionScanner, ScanCancelled
 from proxy.kafka import KafkaUnavailable
 from proxy.metrics import EXPORT_DURATION, EXPORT_RECORDS_SKIPPED, EXPORT_REQUESTS, ROWS_EXPORTED
 from proxy.policy import VisibilityPolicy
@@ -116,7 +116,7 @@ class ExportService:
 
     def __init__(self, kafka: Mapping[str, typing.Any], policy: VisibilityPolicy, data_folder: DataFolder, *,
                  max_concurrent: int = 2, kafka_timeout: float = 10.0, retry_after: int = 5,
-                 read_ahead: int = READ_AHEAD_RECORDS, secrets: Iterable[str] = (),
+                 read_ahead_bytes: int = READ_AHEAD_BYTES, secrets: Iterable[str] = (),
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
         """kafka: librdkafka properties; secrets: the values that came from ${VAR}s in them (never logged)."""
         self._kafka = dict(kafka)
@@ -127,7 +127,7 @@ class ExportService:
         self.max_concurrent = max_concurrent
         self._kafka_timeout = kafka_timeout
         self._retry_after = retry_after
-        self._read_ahead = read_ahead
+        self._read_ahead_bytes = read_ahead_bytes
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="export")
         self._running: set[_RunningExport] = set()
         self._closing = False
@@ -281,7 +281,7 @@ class ExportService:
                    open_output: Callable[[], typing.ContextManager[typing.Any]]) -> ExportResult:
         """The whole export, on the export thread: scan, filter, write. Errors come before any output."""
         try:
-            with PartitionScanner(self._kafka, self._kafka_timeout, cancelled, self._read_ahead,
+            with PartitionScanner(self._kafka, self._kafka_timeout, cancelled, self._read_ahead_bytes,
                                   self._secrets) as scanner:
                 rows = ExportRows(self.policy, request, scanner, self._max_record_bytes)
                 with open_output() as output:
