@@ -29,7 +29,7 @@ import tornado.ioloop
 from sockjs.tornado import SockJSRouter
 
 from proxy import metrics
-from proxy.live import wire
+from proxy.live import transports, wire
 from proxy.live.access import EVERYTHING, LiveAccess, Viewer
 from proxy.live.connection import LiveConnection
 from proxy.live.history import HistoryBuffer
@@ -93,6 +93,8 @@ class LiveHub:
         self._pending: list[LiveRecord] = []
         # Frames built since the last tick, by the ids of their chunks (see frame()).
         self._frames: dict[tuple[int, ...], tuple[bytes, list[bytes]]] = {}
+        self._frames_by_id: dict[int, bytes] = {}
+        self._websocket: dict[int, tuple[bytes, ...]] = {}  # id(frame) -> its websocket encoding
         self._frame_bytes = 0
         # The sessions over their own limit.
         self._over_limit: set[LiveSession] = set()
@@ -271,11 +273,25 @@ class LiveHub:
                 self._clear_frames()
             # The entry keeps its chunks alive, so their ids cannot be reused while it is cached.
             entry = self._frames[key] = (frame, chunks)
+            self._frames_by_id[id(frame)] = frame
             self._frame_bytes += len(frame)
         return entry[0]
 
+    def websocket_parts(self, frame: bytes) -> tuple[bytes, ...]:
+        """The frame encoded for a websocket, once per shared frame (see frame())."""
+        key = id(frame)
+        parts = self._websocket.get(key)
+        if parts is None:
+            parts = transports.websocket_frame(frame)
+            if self._frames_by_id.get(key) is frame:  # cached, so alive: its id cannot be reused
+                self._websocket[key] = parts
+                self._frame_bytes += len(parts[0])
+        return parts
+
     def _clear_frames(self) -> None:
         self._frames.clear()
+        self._frames_by_id.clear()
+        self._websocket.clear()
         self._frame_bytes = 0
 
     # ---- memory bounds -----------------------------------------------------------------------

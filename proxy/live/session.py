@@ -54,14 +54,16 @@ class LiveSession(Session):
         # When the write now in flight started (None: none is); a write that does not complete
         # means the client does not read.
         self.write_started: float | None = None
-        # Polling transports: when the next answer may go out, and whether a timer waits for it.
+        # Whether the client polls (one HTTP request per answer, so answers are spaced out); when
+        # the next answer may go out, and whether a timer waits for it.
+        self.polling = False
         self.next_answer_at = 0.0
         self._answer_timer = False
 
-    @property
-    def polling(self) -> bool:
-        """Whether the client polls (one HTTP request per answer, so answers are spaced out)."""
-        return getattr(self, "transport_name", None) in POLLING_TRANSPORTS
+    def set_handler(self, handler: typing.Any, start_heartbeat: bool = True) -> bool:
+        attached = super().set_handler(handler, start_heartbeat)
+        self.polling = self.transport_name in POLLING_TRANSPORTS
+        return attached
 
     # sockjs-tornado's transports look at send_queue to decide whether to flush at once.
     @property  # type: ignore[override]
@@ -148,15 +150,15 @@ class LiveSession(Session):
         writes at once and a backlog is queued, go on with the next frame."""
         while True:
             handler = self.handler
-            self.write_started = time.monotonic()
             if isinstance(handler, LiveWebSocketTransport):
                 try:
-                    future = handler.write_frame(frame)
+                    future = handler.write_parts(self.hub.websocket_parts(frame))
                 except tornado.websocket.WebSocketClosedError:
                     self._finish_write(None)
                     self.server.io_loop.add_callback(handler.drop)
                     return
                 if future is not None:
+                    self.write_started = time.monotonic()
                     self._writing = True
                     self._write_future = future
                     future.add_done_callback(self._write_finished)

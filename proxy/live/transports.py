@@ -61,6 +61,24 @@ def send_now(stream: tornado.iostream.IOStream, parts: tuple[bytes, ...]) -> typ
     return future
 
 
+def websocket_frame(payload: bytes) -> tuple[bytes, ...]:
+    """payload as one unmasked websocket text frame, as the buffers to send.
+
+    Small frames: one buffer (the copy costs next to nothing, and one buffer is one packet); from
+    ZERO_COPY_FROM on, header and payload apart, so the shared payload is never copied. Tornado's
+    write_message would build a new object per connection: a history burst to 200 clients would
+    copy 100 MB.
+    """
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("BB", 0x81, size)
+    elif size <= 0xFFFF:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return (header + payload,) if size < ZERO_COPY_FROM else (header, payload)
+
+
 class _Droppable:
     """What every live transport adds: connection_lost() and drop()."""
 
@@ -127,23 +145,14 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
 
     def write_frame(self, payload: bytes) -> typing.Any:
         """Send payload as one text frame; None when the socket took it at once, else a future.
+        Raises WebSocketClosedError when the connection is gone."""
+        return self.write_parts(websocket_frame(payload))
 
-        The same bytes object goes to every session's socket (Tornado's write_message copies
-        header and payload into a new object per connection; a history burst to 200 clients
-        would copy 100 MB). Raises WebSocketClosedError when the connection is gone.
-        """
+    def write_parts(self, parts: tuple[bytes, ...]) -> typing.Any:
+        """Send a frame encoded by websocket_frame() (shared by every session that sends it)."""
         connection = self.ws_connection
         if connection is None or connection.is_closing():
             raise tornado.websocket.WebSocketClosedError()
-        size = len(payload)
-        if size < 126:
-            header = struct.pack("BB", 0x81, size)
-        elif size <= 0xFFFF:
-            header = struct.pack("!BBH", 0x81, 126, size)
-        else:
-            header = struct.pack("!BBQ", 0x81, 127, size)
-        # Small frames: one buffer (a copy that costs next to nothing); large ones: two, no copy.
-        parts = (header + payload,) if size < ZERO_COPY_FROM else (header, payload)
         try:
             return send_now(connection.stream, parts)
         except tornado.iostream.StreamClosedError:
