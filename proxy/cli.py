@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import resource
@@ -92,12 +93,29 @@ def tune_process() -> None:
     soft limit to the hard one needs no privilege; listen.max_connections is derived from it.
     """
     raise_open_files_limit()
+    tune_garbage_collector()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 16 * 1024 * 1024)
     libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+
+
+# Allocations between young-generation collections (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper cyclic collections: a live stream allocates a future, a frame or a timer per
+    session write, so CPython's default (a young collection every 700 allocations) ran hundreds of
+    collections a second at 2,000 sessions, and each promotion made the full collections, which
+    pause the IOLoop for every session's objects, come sooner. What exists at start-up (modules,
+    configuration) lives as long as the process: frozen, no collection looks at it again.
+    """
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    gc.freeze()
 
 
 def raise_open_files_limit() -> None:

@@ -6,6 +6,7 @@ of the live path is tested end to end over real sockets (test_live.py, test_tran
 
 from __future__ import annotations
 
+import time
 import types
 import typing
 
@@ -86,3 +87,39 @@ def test_polling_answers_are_spaced_out_more_as_polling_sessions_add_up():
         hub._connections = {Polling(True) for _ in range(polling)} | {Polling(False) for _ in range(websockets)}
         hub.sweep()
         assert hub.poll_interval == expected
+
+
+def test_a_long_tick_writes_in_slices_so_the_ioloop_serves_sockets_between_them():
+    from proxy.live import fanout
+
+    class SlowSession:
+        written = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def take(self) -> list[bytes]:
+            return [b'"m"']
+
+        def write(self, frame: bytes) -> None:
+            deadline = time.monotonic() + 0.001  # a write that costs a millisecond of CPU
+            while time.monotonic() < deadline:
+                pass
+            SlowSession.written += 1
+
+    loop = RecordingLoop()
+    hub = hub_on(loop)
+    sessions = [SlowSession() for _ in range(40)]
+    for session in sessions:
+        hub.mark_dirty(session)  # type: ignore[arg-type]
+    loop.run_next()  # the tick: its first slice
+    slices = 1
+    while loop.scheduled:
+        assert SlowSession.written < len(sessions), "a slice was scheduled after the last write"
+        loop.run_next()
+        slices += 1
+    assert SlowSession.written == len(sessions)
+    assert slices >= 40 * 0.001 / fanout.TICK_SLICE / 2, slices
+    assert hub._tick_cost >= 0.04  # the slices' time, which spaces out the next tick
+    hub.publish([("t", 1, "{}")])
+    assert loop.scheduled[0][0] >= 0.04

@@ -49,6 +49,8 @@ HARD_LIMIT_FACTOR = 4
 # Records waiting for the next flush tick beyond which ingest waits (a tick fans out at most this
 # many plus one Kafka batch).
 MAX_PENDING_RECORDS = 20_000
+# A flush tick writes sessions for at most this long at a time, then lets the IOLoop serve sockets.
+TICK_SLICE = 0.005
 # Frames kept for sharing between ticks, at most (beyond, and at every tick, the cache starts over).
 MAX_SHARED_FRAMES = 1000
 MAX_SHARED_FRAME_BYTES = 32 * 1024 * 1024
@@ -88,7 +90,8 @@ class LiveHub:
         self._connections: set[LiveConnection] = set()
         self._dirty: set[LiveSession] = set()
         self._tick_scheduled = False
-        self._tick_cost = 0.0  # seconds the last flush tick took
+        self._tick_cost = 0.0  # seconds the last flush tick took (its slices, not the gaps)
+        self._to_write: list[LiveSession] = []  # sessions the running tick has yet to write
         # Records from Kafka since the last tick, fanned out together at the next one.
         self._pending: list[LiveRecord] = []
         # Frames built since the last tick, by the ids of their chunks (see frame()).
@@ -245,21 +248,46 @@ class LiveHub:
 
     def _flush_tick(self) -> None:
         """Fan out what arrived since the last tick, then write every session that can take a
-        write; equal queues share one frame object."""
+        write (in slices, see _write_slice); equal queues share one frame object."""
         started = time.monotonic()
+        self._tick_cost = 0.0
         try:
             if self._pending:
                 batch, self._pending = self._pending, []
                 self._fan_out(batch)  # sessions it makes dirty are written below, not at another tick
-        finally:
+        except BaseException:
             self._tick_scheduled = False  # whatever happened, the stream goes on at the next tick
+            raise
         self._clear_frames()
-        dirty, self._dirty = self._dirty, set()
-        for session in dirty:
-            if session.writable():  # if not: a write in flight or no transport; it comes back then
-                session.write(self.frame(session.take()))
-        self._tick_cost = time.monotonic() - started
-        metrics.LIVE_FLUSH_SECONDS.observe(self._tick_cost)
+        self._to_write = list(self._dirty)
+        self._dirty = set()
+        self._write_slice(started)
+
+    def _write_slice(self, started: float | None = None) -> None:
+        """Write sessions of this tick for up to TICK_SLICE seconds, then let the IOLoop serve
+        sockets (/health, connects, requests) before the next slice; the tick ends with the last."""
+        started = time.monotonic() if started is None else started
+        deadline = started + TICK_SLICE if self._io_loop is not None else float("inf")
+        to_write = self._to_write
+        try:
+            while to_write:
+                session = to_write.pop()
+                if session.writable():  # if not: a write in flight or no transport; it comes back then
+                    session.write(self.frame(session.take()))
+                if time.monotonic() >= deadline:
+                    break
+        except BaseException:
+            to_write.clear()
+            raise
+        finally:
+            self._tick_cost += time.monotonic() - started
+            if not to_write:
+                metrics.LIVE_FLUSH_SECONDS.observe(self._tick_cost)
+                self._tick_scheduled = False
+                if self._pending or self._dirty:
+                    self._schedule_tick()
+        if to_write:
+            typing.cast(tornado.ioloop.IOLoop, self._io_loop).add_callback(self._write_slice)
 
     def frame(self, chunks: list[bytes]) -> bytes:
         """The SockJS frame (b'a[...]') of these chunks; sessions writing the same chunks until
