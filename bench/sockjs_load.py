@@ -22,7 +22,10 @@ answers commands on stdin with one JSON line each:
                         "errors", "reconnects", "per_client"} so far
     UNTIL <n> <secs>   answers COUNT once the clients got n live messages in total (or secs passed)
     TIME ON            {} and start collecting latencies
-    TIME OFF           {"count", "p50", "p90", "p99", "p999", "max"} of the latencies since TIME ON (ms)
+    TIME OFF           {"count", "p50", "p90", "p99", "p999", "max", "read": {...}} of the latencies
+                       since TIME ON (ms): record timestamp -> the bytes reached the client's socket
+                       (kernel receive timestamp: the proxy's delivery, whatever this process's own
+                       scheduling); "read": -> this process read them
     STOP               (no answer) close everything and exit
 """
 
@@ -36,6 +39,7 @@ import os
 import re
 import select
 import socket
+import struct
 import sys
 import time
 
@@ -85,6 +89,8 @@ class Session:
         self.started = self.started or time.monotonic()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
+        if self.sampled:  # the kernel stamps when data reached the socket (read with recvmsg)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         error = sock.connect_ex(("127.0.0.1", self.port))
         if error not in (0, errno.EINPROGRESS):
             sock.close()
@@ -352,7 +358,8 @@ class LoadProcess:
         self.poller = select.epoll()
         self.by_fd: dict[int, Session] = {}
         self.connecting: dict[int, Session] = {}
-        self.latencies: list[float] = []
+        self.latencies: list[float] = []  # to the kernel's receive timestamp
+        self.read_latencies: list[float] = []  # to this process's read
         self.timing = False
         self.next_to_open = 0
         self.open_started = 0.0
@@ -410,8 +417,13 @@ class LoadProcess:
             if session is None:
                 other.append(fd)
                 continue
+            arrived = None
             try:
-                data = session.sock.recv(RECV_BYTES)
+                if session.sampled:
+                    data, ancillary, _, _ = session.sock.recvmsg(RECV_BYTES, TIMESTAMP_CMSG_SPACE)
+                    arrived = arrival_ms(ancillary)
+                else:
+                    data = session.sock.recv(RECV_BYTES)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
@@ -424,7 +436,9 @@ class LoadProcess:
                 continue
             if session.sampled and self.timing and getattr(session, "stamps", None):
                 received = time.time() * 1000.0
-                self.latencies.extend([received - int(stamp) for stamp in session.stamps])
+                stamps = [int(stamp) for stamp in session.stamps]
+                self.read_latencies.extend([received - stamp for stamp in stamps])
+                self.latencies.extend([(received if arrived is None else arrived) - stamp for stamp in stamps])
                 session.stamps = []
         return other
 
@@ -461,6 +475,21 @@ class LoadProcess:
         for session in self.sessions:
             if session.sock is not None:
                 session.sock.close()
+
+
+# Linux: SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; the socket module has no name for it) and the space
+# of its control message, a struct timespec of two longs.
+SO_TIMESTAMPNS = 35
+TIMESTAMP_CMSG_SPACE = socket.CMSG_SPACE(16)
+
+
+def arrival_ms(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    """The kernel's receive time (CLOCK_REALTIME, ms) of the newest data a recvmsg returned."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return seconds * 1000.0 + nanoseconds / 1e6
+    return None
 
 
 def percentiles(values: list[float]) -> dict:
@@ -517,11 +546,12 @@ def run(args: argparse.Namespace) -> None:
                     load.start_opening(args.connect_rate)
                     go_deadline = time.monotonic() + GO_TIMEOUT
                 elif command == b"TIME ON":
-                    load.latencies, load.timing = [], True
+                    load.latencies, load.read_latencies, load.timing = [], [], True
                     print("{}", flush=True)
                 elif command == b"TIME OFF":
                     load.timing = False
-                    print(json.dumps(percentiles(load.latencies)), flush=True)
+                    print(json.dumps(percentiles(load.latencies) | {"read": percentiles(load.read_latencies)}),
+                          flush=True)
                 elif word == b"STOP":
                     load.close()
                     return
