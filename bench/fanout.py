@@ -173,6 +173,10 @@ def merge_percentiles(parts: list[dict]) -> dict:
     merged = {"count": sum(part["count"] for part in counted)}
     for key in ("p50", "p90", "p99", "p999", "max"):
         merged[key] = max(part[key] for part in counted)
+    # When the load clients read it (their own scheduling included), beside the kernel's arrival.
+    reads = [part["read"]["p99"] for part in counted if part.get("read", {}).get("count")]
+    if reads:
+        merged["read_p99"] = max(reads)
     return merged
 
 
