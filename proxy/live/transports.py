@@ -205,7 +205,8 @@ class _HttpTransport(_Droppable):
         may go to the socket directly, bypassing Tornado's per-write machinery."""
         connection = self.request.connection
         pending = getattr(connection, "_pending_write", None)
-        return (self._headers_written and not self._write_buffer  # type: ignore[attr-defined]
+        # Tornado internals (6.x), read defensively: if they change, the normal path is taken.
+        return (getattr(self, "_headers_written", False) and not getattr(self, "_write_buffer", True)
                 and getattr(connection, "_chunking_output", False)
                 and getattr(connection, "_expected_content_remaining", None) is None
                 and (pending is None or pending.done()))
