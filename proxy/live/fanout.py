@@ -21,7 +21,9 @@ behind (it reads, but slower than the stream); over the total budget, furthest b
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import operator
 import time
 import typing
 
@@ -39,6 +41,9 @@ from proxy.live.transports import REPLACEMENTS
 from proxy.live.wire import LiveRecord
 
 log = logging.getLogger(__name__)
+
+_topic = operator.itemgetter(0)  # of a LiveRecord
+_envelope = operator.itemgetter(2)
 
 SLOW_CLIENT_CLOSE = (3008, "client too slow: send queue overflowed")
 SHUTDOWN_CLOSE = (3000, "server shutting down")
@@ -195,17 +200,19 @@ class LiveHub:
 
     def _fan_out(self, batch: list[LiveRecord]) -> None:
         """Append records to the histories and queue them for every session, encoded once per view."""
-        by_topic: dict[str, list[str]] = {}
-        for topic, _, envelope in batch:
-            by_topic.setdefault(topic, []).append(envelope)
-        for topic, envelopes in by_topic.items():
-            self.history[topic].extend(envelopes)
+        changed = set()
+        # Runs of one topic, each appended in C (a backlog batch is one long run).
+        for topic, run in itertools.groupby(batch, key=_topic):
+            self.history[topic].extend(map(_envelope, run))
+            changed.add(topic)
+        for topic in changed:
             metrics.labelled(metrics.HISTORY_SIZE, topic).set(len(self.history[topic]))
         owners = self.views.index(batch) if self.views is not None else None
         if not self._connections or not self.loaded:
             return
         prefix = self._message_prefix
-        texts = [(topic, prefix[topic] + envelope + "}") for topic, _, envelope in batch]
+        messages = [prefix[topic] + envelope + "}" for topic, _, envelope in batch]
+        texts: list[tuple[str, str]] | None = None  # (topic, message), for views that filter
         # Sessions with the same view (merchant, subscription) share one joined, encoded chunk:
         # each record is filtered and encoded once per merchant, not once per session.
         chunks: dict[tuple[str | None, frozenset[str] | None], tuple[list[bytes], int]] = {}
@@ -216,10 +223,17 @@ class LiveHub:
             key = (merchant, topics)
             chunk = chunks.get(key)
             if chunk is None:
-                if merchant is None or self.views is None or owners is None:
-                    selected = [text for t, text in texts if topics is None or t in topics]
+                everything = merchant is None or self.views is None or owners is None
+                if everything and topics is None:
+                    selected = messages
                 else:
-                    selected = self.views.select(merchant, texts, owners, topics)
+                    if texts is None:
+                        texts = list(zip(map(_topic, batch), messages))
+                    if everything:
+                        selected = [text for t, text in texts if t in typing.cast(frozenset, topics)]
+                    else:
+                        selected = typing.cast(MerchantViews, self.views).select(
+                            typing.cast(str, merchant), texts, typing.cast(list, owners), topics)
                 # Quoted for SockJS once per distinct view, in one call for the whole batch.
                 chunk = chunks[key] = ([wire.sockjs_quote_many(selected)] if selected else [], len(selected))
             if chunk[1]:
