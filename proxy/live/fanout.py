@@ -4,9 +4,10 @@ Batches from Kafka wait for the next flush tick, which fans out everything that 
 last one: each message is SockJS-encoded once per view (LiveHub._fan_out), and each session gets
 one reference per tick to shared, pre-encoded chunks (history frames, live batches), never a
 private copy. The tick then writes every session that has something queued and no write in
-flight; sessions whose queues hold the same chunks share one frame object, written to each socket
-without a copy. The next tick waits at least as long as the last one took, so at any number of
-sessions the fan-out leaves half of the IOLoop to everything else and frames grow instead.
+flight, in slices of TICK_SLICE between which the IOLoop serves its sockets (/health, connects);
+sessions whose queues hold the same chunks share one frame object, written to each socket without
+a copy. The next tick waits at least as long as the last one took, so at any number of sessions
+the fan-out leaves half of the IOLoop to everything else and frames grow instead.
 
 Memory is bounded per session and for the whole process, and a client that reads at full speed
 is never closed: when a session falls more than `max_session_queue_bytes` behind (or all sessions
