@@ -33,7 +33,7 @@ FRAME_VARIANTS = 16
 
 
 def sockjs_frames(per_frame: int, topic: str = "bench-live") -> list[str]:
-    """SockJS frames of per_frame live messages, in the shape LiveHub.publish gives them."""
+    """SockJS frames of per_frame live messages, in the shape LiveHub's flush tick writes them."""
     values = realistic_values(per_frame * FRAME_VARIANTS)
     messages = [sockjs_quote('{"type":"message","topic":"%s","message":{"topic":"%s","partition":0,"offset":%d,'
                              '"timestamp":%d,"value":%s}}' % (topic, topic, offset, 1_700_000_000_000 + offset,

@@ -211,8 +211,7 @@ class LiveHub:
         owners = self.views.index(batch) if self.views is not None else None
         if not self._connections or not self.loaded:
             return
-        prefix = self._message_prefix
-        messages = [prefix[topic] + envelope + "}" for topic, _, envelope in batch]
+        messages = wire.message_texts(self._message_prefix, batch)
         texts: list[tuple[str, str]] | None = None  # (topic, message), for views that filter
         # Sessions with the same view (merchant, subscription) share one joined, encoded chunk:
         # each record is filtered and encoded once per merchant, not once per session.
