@@ -102,8 +102,8 @@ class LiveHub:
         self._pending: list[LiveRecord] = []
         # Frames built since the last tick, by the ids of their chunks (see frame()).
         self._frames: dict[tuple[int, ...], tuple[bytes, list[bytes]]] = {}
-        self._frames_by_id: dict[int, bytes] = {}
-        self._websocket: dict[int, tuple[bytes, ...]] = {}  # id(frame) -> its websocket encoding
+        # id(frame) -> [frame, its websocket encoding once a websocket session sent it]
+        self._encodings: dict[int, list[typing.Any]] = {}
         self._frame_bytes = 0
         # The sessions over their own limit.
         self._over_limit: set[LiveSession] = set()
@@ -315,25 +315,23 @@ class LiveHub:
                 self._clear_frames()
             # The entry keeps its chunks alive, so their ids cannot be reused while it is cached.
             entry = self._frames[key] = (frame, chunks)
-            self._frames_by_id[id(frame)] = frame
+            self._encodings[id(frame)] = [frame, None]
             self._frame_bytes += len(frame)
         return entry[0]
 
     def websocket_parts(self, frame: bytes) -> tuple[bytes, ...]:
         """The frame encoded for a websocket, once per shared frame (see frame())."""
-        key = id(frame)
-        parts = self._websocket.get(key)
-        if parts is None:
-            parts = transports.websocket_frame(frame)
-            if self._frames_by_id.get(key) is frame:  # cached, so alive: its id cannot be reused
-                self._websocket[key] = parts
-                self._frame_bytes += len(parts[0])
-        return parts
+        cached = self._encodings.get(id(frame))
+        if cached is None or cached[0] is not frame:  # not a shared frame (the cache keeps those alive)
+            return transports.websocket_frame(frame)
+        if cached[1] is None:
+            cached[1] = transports.websocket_frame(frame)
+            self._frame_bytes += len(cached[1][0])
+        return cached[1]
 
     def _clear_frames(self) -> None:
         self._frames.clear()
-        self._frames_by_id.clear()
-        self._websocket.clear()
+        self._encodings.clear()
         self._frame_bytes = 0
 
     # ---- memory bounds -----------------------------------------------------------------------

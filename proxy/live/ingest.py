@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
 # Records are read and decoded this many at a time, up to BATCH_SIZE per hand-over: Kafka records
-# are objects the garbage collector tracks, and 700 of them alive at once (its threshold) start a
-# collection that moves every one still alive to an older generation; at a backlog drain that
-# made full collections of the whole heap frequent (about 1 us per record).
+# are objects the garbage collector tracks, and enough of them alive at once (CPython's threshold
+# is 700; the proxy raises it, see cli.tune_garbage_collector) start a collection that moves every
+# one still alive to an older generation; at a backlog drain that made full collections of the
+# whole heap frequent (about 1 us per record).
 READ_SIZE = 250
 # The history load reads this many times the history size back from each partition's end.
 HISTORY_READ_BACK = 3
