@@ -13,6 +13,9 @@ from proxy.demo.simulator import MarketSimulator, Merchant
 log = logging.getLogger(__name__)
 
 DEMO_RATE = 50.0
+# The embedded broker holds every fetch for the whole wait (Apache Kafka does not): a short one
+# keeps the page live; 25 ms costs the idle broker about a tenth of a core.
+DEMO_FETCH_WAIT_MS = 25
 DEMO_MERCHANTS = 3
 
 
@@ -29,9 +32,7 @@ def run_demo(config: Config) -> int:
     merchants = [Merchant.generate(f"merchant-{n}") for n in range(1, DEMO_MERCHANTS + 1)]
     simulator = MarketSimulator(broker.bootstrap_servers, merchants=merchants, rate=DEMO_RATE)
     config.kafka_url = broker.bootstrap_servers
-    # The embedded broker holds every fetch for the whole wait (Apache Kafka does not): a short
-    # one keeps the page live; 25 ms costs the idle broker about a tenth of a core.
-    config.kafka.setdefault("fetch.wait.max.ms", 25)
+    config.kafka.setdefault("fetch.wait.max.ms", DEMO_FETCH_WAIT_MS)
     # A demo is for this machine only.
     config.listen.address = "127.0.0.1"
     server = ProxyServer(config)
