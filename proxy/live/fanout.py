@@ -94,6 +94,7 @@ class LiveHub:
         self._message_prefix = {topic: wire.message_prefix(topic) for topic in topics}
         self.loaded = False
         self._connections: set[LiveConnection] = set()
+        self._by_view: dict[tuple[str | None, frozenset[str] | None], list[LiveSession]] | None = None
         self._dirty: set[LiveSession] = set()
         self._tick_scheduled = False
         self._tick_cost = 0.0  # seconds the last flush tick took (its slices, not the gaps)
@@ -142,14 +143,17 @@ class LiveHub:
     def add(self, conn: LiveConnection) -> None:
         """An (authenticated) session joins the stream: its history now, then live messages."""
         self._connections.add(conn)
+        self._by_view = None
         if self.loaded:
             self._send_history(conn, self.topics)
 
     def remove(self, conn: LiveConnection) -> None:
         self._connections.discard(conn)
+        self._by_view = None
 
     def subscribe(self, conn: LiveConnection, topics: list[str]) -> None:
         conn.topics = frozenset(topics)
+        self._by_view = None
         if self.loaded:
             self._send_history(conn, topics)
 
@@ -215,31 +219,57 @@ class LiveHub:
         texts: list[tuple[str, str]] | None = None  # (topic, message), for views that filter
         # Sessions with the same view (merchant, subscription) share one joined, encoded chunk:
         # each record is filtered and encoded once per merchant, not once per session.
-        chunks: dict[tuple[str | None, frozenset[str] | None], tuple[list[bytes], int]] = {}
         delivered = 0
-        for conn in list(self._connections):
-            topics = conn.topics
-            merchant = conn.viewer.merchant_id if conn.viewer is not None else None
-            key = (merchant, topics)
-            chunk = chunks.get(key)
-            if chunk is None:
-                everything = merchant is None or self.views is None or owners is None
-                if everything and topics is None:
-                    selected = messages
+        for (merchant, topics), sessions in self._views().items():
+            everything = merchant is None or self.views is None or owners is None
+            if everything and topics is None:
+                selected = messages
+            else:
+                if texts is None:
+                    texts = list(zip(map(_topic, batch), messages))
+                if everything:
+                    selected = [text for t, text in texts if t in typing.cast(frozenset, topics)]
                 else:
-                    if texts is None:
-                        texts = list(zip(map(_topic, batch), messages))
-                    if everything:
-                        selected = [text for t, text in texts if t in typing.cast(frozenset, topics)]
-                    else:
-                        selected = typing.cast(MerchantViews, self.views).select(
-                            typing.cast(str, merchant), texts, typing.cast(list, owners), topics)
+                    selected = typing.cast(MerchantViews, self.views).select(
+                        typing.cast(str, merchant), texts, typing.cast(list, owners), topics)
+            if selected:
                 # Quoted for SockJS once per distinct view, in one call for the whole batch.
-                chunk = chunks[key] = ([wire.sockjs_quote_many(selected)] if selected else [], len(selected))
-            if chunk[1]:
-                conn.session.enqueue(chunk[0])
-                delivered += chunk[1]
+                delivered += len(selected) * self._queue_shared(wire.sockjs_quote_many(selected), sessions)
         metrics.MESSAGES_DELIVERED.inc(delivered)
+
+    def _views(self) -> dict[tuple[str | None, frozenset[str] | None], list[LiveSession]]:
+        """The sessions grouped by what they see (merchant, subscription); kept until one joins,
+        leaves or subscribes."""
+        if self._by_view is None:
+            self._by_view = {}
+            for conn in self._connections:
+                merchant = conn.viewer.merchant_id if conn.viewer is not None else None
+                self._by_view.setdefault((merchant, conn.topics), []).append(conn.session)
+        return self._by_view
+
+    def _queue_shared(self, chunk: bytes, sessions: list[LiveSession]) -> int:
+        """Queue one shared chunk for many sessions (the fan-out's inner loop: a few operations
+        per session); returns how many took it."""
+        size = len(chunk)
+        limit = self.limits.max_session_queue_bytes
+        dirty = self._dirty
+        over = []
+        taken = 0
+        for session in sessions:
+            pending = session.add_shared(chunk, size)
+            if pending < 0:
+                continue  # closed
+            taken += 1
+            dirty.add(session)
+            if pending > limit:
+                over.append(session)
+        if taken:
+            self._holds[id(chunk)] = [chunk, taken]
+            self.held_bytes += size
+            self._schedule_tick()
+        for session in over:  # after the chunk is counted: closing one releases its share
+            self._judge(session)
+        return taken
 
     # ---- writing -----------------------------------------------------------------------------
 
@@ -341,11 +371,15 @@ class LiveHub:
         if added <= 0:
             return
         self.mark_dirty(session)
-        limit = self.limits.max_session_queue_bytes
-        if session.pending_bytes > limit and session not in self._over_limit:
+        if session.pending_bytes > self.limits.max_session_queue_bytes:
+            self._judge(session)
+
+    def _judge(self, session: LiveSession) -> None:
+        """The session is over its limit: note since when; far over it, close it."""
+        if session not in self._over_limit:
             session.over_limit_since = time.monotonic()
             self._over_limit.add(session)
-        if session.pending_bytes > limit * HARD_LIMIT_FACTOR:
+        if session.pending_bytes > self.limits.max_session_queue_bytes * HARD_LIMIT_FACTOR:
             self._close_slow(session)
 
     def settle(self, session: LiveSession) -> None:

@@ -92,6 +92,15 @@ class LiveSession(Session):
         self.queued_bytes += added
         self.hub.account(self, added)
 
+    def add_shared(self, chunk: bytes, size: int) -> int:
+        """enqueue() of one chunk for the hub's fan-out, which does the accounting for all
+        sessions at once; returns the bytes now pending, or -1 if the session is closed."""
+        if self.is_closed:
+            return -1
+        self._chunks.append(chunk)
+        self.queued_bytes += size
+        return self.queued_bytes + self.in_flight_bytes
+
     def take(self) -> list[bytes]:
         """Hand queued chunks (up to MAX_FRAME_BYTES, at least one) to a write (the tick or flush())."""
         if self.queued_bytes <= MAX_FRAME_BYTES:
