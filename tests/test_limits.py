@@ -197,7 +197,9 @@ def test_descriptor_exhaustion_closes_idle_connections_quietly(limited_proxy, cl
     wait_until(lambda: metric(proxy, "proxy_idle_connections_closed_total", '{reason="descriptors"}') > 0,
                message="idle connections to be closed for descriptors")
 
-    answers = [health_within(proxy, 1.0) for _ in range(5)]
+    # 3 s: while the flood still fills the kernel's accept queue, a new connection's SYN is dropped
+    # and retried after 1 s (TCP, not the proxy); the proxy takes the queue in as it closes idle ones.
+    answers = [health_within(proxy, 3.0) for _ in range(5)]
     assert answers == [200] * 5
     log = proxy.log()
     assert "Traceback" not in log
