@@ -308,7 +308,7 @@ def report(result: dict) -> None:
           f"back to baseline in "
           f"{'never (60 s)' if back_in is None else f'{back_in:.1f} s'}")
     ticks = result["flush_ticks"]
-    print(f"  flush ticks: {ticks['count']:,}, mean {ticks['mean_ms']:.1f} ms, {ticks['over_100ms']} over 100 ms")
+    print(f"  flush ticks: {ticks['count']:,}, mean CPU {ticks['mean_ms']:.1f} ms, {ticks['over_100ms']} over 100 ms")
     print(f"  frames: {result['frames']:,} ({result['delivered'] / max(result['frames'], 1):.1f} messages per frame); "
           f"proxy CPU {result['proxy_us_per_delivered']:.2f} us per delivered message; "
           f"CPU: {format_cpu(result['cpu'])}")

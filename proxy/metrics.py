@@ -30,7 +30,7 @@ LIVE_QUEUED_BYTES = Gauge(
     registry=REGISTRY)
 LIVE_FLUSH_SECONDS = Histogram(
     "proxy_live_flush_seconds",
-    "Duration of live flush ticks (fan-out of the records since the last tick, then one write per ready session)",
+    "CPU seconds of live flush ticks (fan-out of the records since the last tick, then one write per ready session)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=REGISTRY)
 INGEST_BACKPRESSURE_SECONDS = Counter(
     "proxy_ingest_backpressure_seconds_total",
