@@ -17,7 +17,7 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
-from proxy import http_api, metrics
+from proxy import http_api, httpdate, metrics
 from proxy.config import TRANSPORTS, Config, admin_tokens, kafka_settings
 from proxy.export import handlers as export_handlers
 from proxy.export.data_folder import DataFolder
@@ -68,6 +68,7 @@ class ProxyServer:
 
     def __init__(self, config: Config):
         self.config = config
+        httpdate.install()
         # Built once, here: every component gets only what it needs.
         self.kafka = kafka_settings(config)  # a ${VAR} that is not set raises ConfigError
         self.policy = VisibilityPolicy(config.export.topics)
@@ -213,6 +214,9 @@ class ProxyServer:
         request = handler.request
         route = type(handler).__name__
         metrics.labelled(metrics.HTTP_REQUESTS, route, str(status)).inc()
+        level = logging.INFO if status < 500 else logging.ERROR
+        if not access_log.isEnabledFor(level):
+            return  # nothing to format (at log_level WARNING, every request but the 5xx)
         path = loggable_path(request.path)
         fields = {
             "method": request.method, "path": path, "status": status,
@@ -222,5 +226,4 @@ class ProxyServer:
         token = token_from_authorization(request.headers.get("Authorization"))
         if token:
             fields["merchant_id"] = merchant_id_for(token)
-        level = logging.INFO if status < 500 else logging.ERROR
         access_log.log(level, "http %s", " ".join(f"{k}={v}" for k, v in fields.items()))
