@@ -123,3 +123,53 @@ def test_a_long_tick_writes_in_slices_so_the_ioloop_serves_sockets_between_them(
     assert hub._tick_cost >= 0.04  # the slices' CPU time, which spaces out the next tick
     hub.publish([("t", 1, "{}")])
     assert loop.scheduled[0][0] >= 0.04
+
+
+def test_views_selecting_the_same_messages_share_one_chunk_counted_once():
+    class Session:
+        def __init__(self) -> None:
+            self.chunks: list[bytes] = []
+
+        def add_shared(self, chunk: bytes, size: int) -> int:
+            self.chunks.append(chunk)
+            return size
+
+        def writable(self) -> bool:
+            return False  # nothing is written here: the queues are what is looked at
+
+    class PublicViews:
+        """Every merchant sees every record (a public topic) except merchant "z", who sees none."""
+
+        def index(self, batch: list[typing.Any]) -> list[None]:
+            return [None] * len(batch)
+
+        def select(self, merchant: str, texts: list[tuple[str, str]], owners: list[typing.Any],
+                   topics: typing.Any) -> list[str]:
+            return [] if merchant == "z" else [text for _, text in texts]
+
+    loop = RecordingLoop()
+    hub = hub_on(loop)
+    hub.views = PublicViews()  # type: ignore[assignment]
+    class Connection:
+        topics = None
+
+        def __init__(self, merchant: str) -> None:
+            self.viewer = types.SimpleNamespace(merchant_id=merchant)
+            self.session = Session()
+
+    connections = [Connection(merchant) for merchant in ("a", "b", "b", "z")]
+    hub._connections = set(connections)  # type: ignore[arg-type]
+    hub.loaded = True
+    hub.publish([("t", 1, '{"n":1}'), ("t", 2, '{"n":2}')])
+    loop.run_next()
+    queues = {id(conn): conn.session.chunks for conn in connections}
+    a, b1, b2, z = (queues[id(conn)] for conn in connections)
+    assert len(a) == len(b1) == len(b2) == 1 and not z
+    assert a[0] is b1[0] is b2[0], "one quoted chunk for the three sessions of two merchants"
+    assert b'\\"n\\":2' in a[0]
+    assert hub.held_bytes == len(a[0])  # counted once, held three times
+    hub.release(a)
+    hub.release(b1)
+    assert hub.held_bytes == len(a[0]), "a session still holds it"
+    hub.release(b2)
+    assert hub.held_bytes == 0

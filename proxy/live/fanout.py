@@ -222,6 +222,9 @@ class LiveHub:
         # Sessions with the same view (merchant, subscription) share one joined, encoded chunk:
         # each record is filtered and encoded once per merchant, not once per session.
         delivered = 0
+        # Views that select the same messages (a public topic, the same subscription) share one
+        # quoted chunk: by the ids of the texts, alive until the batch is done.
+        quoted: dict[tuple[int, ...] | None, bytes] = {}
         for (merchant, topics), sessions in self._views().items():
             everything = merchant is None or self.views is None or owners is None
             if everything and topics is None:
@@ -235,8 +238,12 @@ class LiveHub:
                     selected = typing.cast(MerchantViews, self.views).select(
                         typing.cast(str, merchant), texts, typing.cast(list, owners), topics)
             if selected:
-                # Quoted for SockJS once per distinct view, in one call for the whole batch.
-                delivered += len(selected) * self._queue_shared(wire.sockjs_quote_many(selected), sessions)
+                # Quoted for SockJS once per distinct selection, in one call for the whole batch.
+                key = None if selected is messages else tuple(map(id, selected))
+                chunk = quoted.get(key)
+                if chunk is None:
+                    chunk = quoted[key] = wire.sockjs_quote_many(selected)
+                delivered += len(selected) * self._queue_shared(chunk, sessions)
         metrics.MESSAGES_DELIVERED.inc(delivered)
 
     def _views(self) -> dict[tuple[str | None, frozenset[str] | None], list[LiveSession]]:
@@ -266,8 +273,12 @@ class LiveHub:
             if pending > limit:
                 over.append(session)
         if taken:
-            self._holds[id(chunk)] = [chunk, taken]
-            self.held_bytes += size
+            entry = self._holds.get(id(chunk))
+            if entry is None:
+                self._holds[id(chunk)] = [chunk, taken]
+                self.held_bytes += size
+            else:  # the chunk of another view too
+                entry[1] += taken
             self._schedule_tick()
         for session in over:  # after the chunk is counted: closing one releases its share
             self._judge(session)
