@@ -298,7 +298,7 @@ class LiveHub:
         # The next tick waits at least as long as the last one's CPU took: however many sessions
         # there are, ticks take at most about half of the proxy's CPU, and frames grow instead.
         # (Wall time would count what a busy machine and the callbacks between slices took too:
-        # at 2,000 sessions on 2 shared cores ticks then stretched to 0.3-1 s, for nothing.)
+        # at 2,000 sessions on 2 shared cores ticks then stretched to 0.3-1 s, and latency with them.)
         delay = max(self.limits.flush_interval, self._tick_cost)
         if delay > 0:
             self._io_loop.call_later(delay, self._flush_tick)
