@@ -76,32 +76,34 @@ def test_while_clients_watch_every_record_is_delivered_rendered_in_batches_of_at
     assert ingest_.stats.skipped_by_topic() == {"buyOffer": {"invalid_json": 1}}
 
 
-def test_without_clients_only_the_newest_records_of_each_topic_are_rendered() -> None:
-    watchers = Watchers(connected=False)
+# Of mixed_batch(20), what the history keeps: the newest records of each topic.
+NEWEST_OF_20 = [("buyOffer", 14), ("addOffer", 15), ("buyOffer", 16), ("addOffer", 17), ("buyOffer", 18),
+                ("addOffer", 19)]
+
+
+def read_then_deliver(watching_at_read: bool, watching_at_delivery: bool) -> tuple[Watchers, typing.Any]:
+    """mixed_batch(20) read with clients watching or not, then delivered with clients watching or not."""
+    watchers = Watchers(connected=watching_at_read)
     ingest_ = watchers.ingest()
     batch = ingest_._next_batch(typing.cast(typing.Any, QueuedRecords(mixed_batch(20))))
-    assert not batch.rendered
+    watchers.connected = watching_at_delivery
     ingest_._deliver(batch)
-    assert watchers.offsets() == [("buyOffer", 14), ("addOffer", 15), ("buyOffer", 16), ("addOffer", 17),
-                                  ("buyOffer", 18), ("addOffer", 19)]
+    return watchers, batch
+
+
+def test_without_clients_only_the_newest_records_of_each_topic_are_rendered() -> None:
+    watchers, batch = read_then_deliver(False, False)
+    assert not batch.rendered
+    assert watchers.offsets() == NEWEST_OF_20
 
 
 def test_a_batch_rendered_for_clients_who_left_before_its_delivery_keeps_only_the_history_part() -> None:
-    watchers = Watchers(connected=True)
-    ingest_ = watchers.ingest()
-    batch = ingest_._next_batch(typing.cast(typing.Any, QueuedRecords(mixed_batch(20))))
-    watchers.connected = False
-    ingest_._deliver(batch)
-    assert watchers.offsets() == [("buyOffer", 14), ("addOffer", 15), ("buyOffer", 16), ("addOffer", 17),
-                                  ("buyOffer", 18), ("addOffer", 19)]
+    watchers, _ = read_then_deliver(True, False)
+    assert watchers.offsets() == NEWEST_OF_20
 
 
 def test_a_batch_read_without_clients_is_delivered_whole_to_a_client_who_came_before_its_delivery() -> None:
-    watchers = Watchers(connected=False)
-    ingest_ = watchers.ingest()
-    batch = ingest_._next_batch(typing.cast(typing.Any, QueuedRecords(mixed_batch(20))))
-    watchers.connected = True
-    ingest_._deliver(batch)
+    watchers, _ = read_then_deliver(False, True)
     assert watchers.offsets() == [(TOPICS[offset % 2], offset) for offset in range(20)]
 
 
