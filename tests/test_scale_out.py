@@ -12,6 +12,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 import typing
 import urllib.request
 import uuid
@@ -54,6 +55,7 @@ class Screen(threading.Thread):
         self.live: list[typing.Any] = []
         self.ended: list[str] = []  # why each replaced session ended
         self.stopping = threading.Event()
+        self.recent: list[tuple[float, str]] = []  # the last few (time, frame), to explain a failure
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -62,10 +64,18 @@ class Screen(threading.Thread):
                 for frame in self._frames(url):
                     if self.stopping.is_set():
                         return
+                    self.recent.append((time.monotonic(), f"{url[-12:]}: {frame[:30]}"))
+                    del self.recent[:-8]
                     self._take(frame)
             except (SessionEnded, OSError, http.client.HTTPException, websocket.WebSocketException) as exc:
                 if not self.stopping.is_set():
                     self.ended.append(f"{type(exc).__name__}: {exc}")
+
+    def describe(self) -> str:
+        now = time.monotonic()
+        recent = ", ".join(f"{frame} ({now - at:.1f} s ago)" for at, frame in self.recent)
+        return (f"{self.transport} screen: {len(self.bursts)} histories, {len(self.live)} live messages, "
+                f"sessions ended: {self.ended[-3:]}, last frames: {recent}")
 
     def _frames(self, url: str) -> typing.Iterator[str]:
         if self.transport == "websocket":
@@ -192,10 +202,16 @@ def test_300_screens_over_three_transports_get_every_message_and_only_a_killed_i
 
         later = [{"n": n, "phase": "after the kill"} for n in range(5)]
         produce(broker.bootstrap_servers, topic, later)
-        wait_until(lambda: all(len(screen.live) >= len(live) + len(later) for screen in screens), 30,
-                   message="every screen to get the messages produced after the kill")
+        try:
+            wait_until(lambda: all(len(screen.live) >= len(live) + len(later) for screen in screens), 30,
+                       message="every screen to get the messages produced after the kill")
+        except AssertionError as missed:
+            short = [screen.describe() for screen in screens if len(screen.live) < len(live) + len(later)]
+            raise AssertionError(f"{missed}: {len(short)} short, e.g. {short[:3]}") from None
         assert all(screen.live == live + later for screen in survivors)
         assert all(screen.live[-len(later):] == later for screen in reconnected)
+        for proxy in proxies[1:]:
+            assert "Traceback" not in proxy.log(), proxy.log()[-3000:]
     finally:
         for screen in screens:
             screen.stopping.set()

@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -286,3 +287,102 @@ def test_polling_clients_are_answered_at_most_every_poll_interval_and_miss_nothi
     gaps = [later - earlier for earlier, later in zip(answers, answers[1:])]
     assert len(answers) >= 5, answers
     assert min(gaps) >= POLL_INTERVAL_MIN * 0.9, sorted(gaps)[:5]
+
+
+def _poll_request(transport: str, session: str) -> bytes:
+    if transport == "jsonp":
+        return f"GET /live/000/{session}/jsonp?c=cb HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    return f"POST /live/000/{session}/xhr HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode()
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP response (status, body) from a keep-alive connection; the body by Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {data[:200]!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError(f"connection closed {length - len(body)} bytes short of the answer")
+        body += chunk
+    assert len(body) == length, "more bytes than the Content-Length"
+    return int(head.split()[1]), body
+
+
+def _frame_of(transport: str, body: bytes) -> str:
+    text = body.decode()
+    if transport == "jsonp":
+        assert text.startswith("cb(") and text.endswith(");\r\n"), text[:100]
+        return json.loads(text[3:-4])
+    return text.rstrip("\n")
+
+
+def _send(proxy, transport: str, session: str, message: dict) -> None:
+    """A message from the client, the way the polling transport sends it."""
+    payload = json.dumps([json.dumps(message)])
+    if transport == "jsonp":
+        body, kind = urllib.parse.urlencode({"d": payload}).encode(), "application/x-www-form-urlencoded"
+    else:
+        body, kind = payload.encode(), "application/json"
+    request = urllib.request.Request(f"{proxy.base}/live/000/{session}/{transport}_send", data=body, method="POST",
+                                     headers={"Content-Type": kind})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status in (200, 204)
+
+
+@pytest.mark.parametrize("transport", ["xhr", "jsonp"])
+def test_a_heartbeat_or_close_due_while_a_poll_is_answered_waits_for_the_next_poll(broker, start_proxy, transport):
+    """A polling transport answers one frame per request. A heartbeat or a shutdown that comes while
+    a big answer is still being written must not be written into the same response (it overran the
+    Content-Length: the connection was dropped, and nginx took the instance out of service)."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    # A 6 MB history: more than the kernel buffers between the proxy and a client that does not
+    # read (4 MB for the proxy's socket at most, 64 KiB for the client's).
+    records = [{"n": n, "pad": "x" * 60_000} for n in range(100)]
+    produce(broker.bootstrap_servers, topic, records)
+    heartbeat = 1.0
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {
+        "heartbeat_interval": heartbeat, "transports": ["websocket", "xhr_streaming", "xhr", "jsonp"]}})
+
+    def answered_while_a_heartbeat_is_due() -> tuple[socket.socket, str]:
+        """A session whose poll, waiting with nothing queued (so its heartbeat runs), gets a 6 MB
+        answer that the client does not read yet."""
+        session = uuid.uuid4().hex[:12]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(_poll_request(transport, session))
+        assert _frame_of(transport, _read_answer(sock)[1]) == "o"
+        sock.sendall(_poll_request(transport, session))
+        assert _frame_of(transport, _read_answer(sock)[1]).startswith("a[")  # the first history
+        sock.sendall(_poll_request(transport, session))  # waits: nothing is queued
+        _send(proxy, transport, session, {"type": "subscribe", "topics": [topic]})  # the history again
+        return sock, session
+
+    sock, session = answered_while_a_heartbeat_is_due()
+    time.sleep(2.5 * heartbeat)  # a client that reads slowly: heartbeats fall due meanwhile
+    status, body = _read_answer(sock)
+    frame = _frame_of(transport, body)
+    assert status == 200 and frame.startswith("a[")
+    (history,) = [json.loads(text) for text in json.loads(frame[1:])]
+    assert [envelope["value"]["n"] for envelope in history["messages"]] == list(range(100))
+    # The same connection takes the next poll, which waits for the next heartbeat.
+    sock.sendall(_poll_request(transport, session))
+    status, body = _read_answer(sock)
+    assert status == 200 and _frame_of(transport, body) == "h"
+    sock.close()
+
+    # Shutdown while an answer is in flight: the close frame is not forced into it either.
+    sock, _ = answered_while_a_heartbeat_is_due()
+    proxy.process.terminate()
+    assert proxy.process.wait(20) == 0
+    sock.close()
+    log = proxy.log()
+    assert "Traceback" not in log and "Content-Length" not in log, log[-3000:]

@@ -228,13 +228,38 @@ class LiveEventSourceTransport(_HttpTransport, transports.EventSourceTransport):
         self._send_parts((b"data: ", frame, b"\r\n\r\n"))
 
 
-class LiveXhrPollingTransport(_HttpTransport, transports.XhrPollingTransport):
+class _OneAnswerPerRequest(_HttpTransport):
+    """What the polling transports (one HTTP request per answer) add: nothing more is written once
+    the answer is under way.
+
+    sockjs-tornado writes heartbeats and close frames to whatever handler is attached. A heartbeat
+    (or a close) due while a poll's answer is still being written went into the same response,
+    past its Content-Length: Tornado raised HTTPOutputError and dropped the connection (behind
+    nginx, that failed upstream was taken out of service for everyone). The answer in flight is
+    traffic enough for a heartbeat; a close frame reaches the client with its next poll, which
+    finds the session closed.
+    """
+
+    active: bool
+
+    def send_pack(self, message: str, binary: bool = False) -> None:
+        if not self.active:
+            log.debug("%s: answer under way; not sent: %.40s", self.request.path, message)
+            return
+        super().send_pack(message, binary)  # type: ignore[misc]
+
+
+class LiveXhrPollingTransport(_OneAnswerPerRequest, transports.XhrPollingTransport):
     """SockJS over one XHR request per batch of messages."""
 
     def send_frame(self, frame: bytes) -> None:
         self.set_header("Content-Type", "application/javascript; charset=UTF-8")
         self.set_header("Content-Length", len(frame) + 1)
         self._send_parts((frame, b"\n"))
+
+
+class LiveJsonpTransport(_OneAnswerPerRequest, transports.JSONPTransport):
+    """SockJS over one JSONP (script) request per batch of messages."""
 
 
 class LiveXhrSendHandler(transports.XhrSendHandler):
@@ -299,5 +324,6 @@ REPLACEMENTS: dict[type, type] = {
     transports.XhrStreamingTransport: LiveXhrStreamingTransport,
     transports.EventSourceTransport: LiveEventSourceTransport,
     transports.XhrPollingTransport: LiveXhrPollingTransport,
+    transports.JSONPTransport: LiveJsonpTransport,
     transports.XhrSendHandler: LiveXhrSendHandler,
 }
