@@ -62,7 +62,7 @@ MAX_SHARED_FRAMES = 1000
 MAX_SHARED_FRAME_BYTES = 32 * 1024 * 1024
 # Polling sessions (one HTTP request per answer) are answered at most every poll_interval: at
 # least POLL_INTERVAL_MIN, and long enough that all of them together cost about
-# POLL_ANSWERS_PER_SECOND requests (200 polling sessions: one answer each per 0.5 s; each costs ~0.3 ms).
+# POLL_ANSWERS_PER_SECOND requests (200 polling sessions: one answer each per 0.5 s; each costs ~1 ms).
 POLL_INTERVAL_MIN = 0.05
 POLL_ANSWERS_PER_SECOND = 400
 POLL_INTERVAL_MAX = 1.0
