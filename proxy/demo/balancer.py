@@ -20,7 +20,7 @@ from proxy.demo.broker import die_with_parent, free_port, terminate
 EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "deploy", "nginx.conf.example")
 INSTALL_HINT = "install Debian's nginx: apt-get install -y --no-install-recommends nginx"
-# The instance lines of an upstream block, e.g. "    server 127.0.0.1:8001 max_fails=1 fail_timeout=10s;".
+# The instance lines of an upstream block, e.g. "    server 127.0.0.1:8001 max_fails=3 fail_timeout=10s;".
 UPSTREAM_SERVERS = re.compile(r"^(?P<indent>[ \t]*)server 127\.0\.0\.1:\d+(?P<options>[^;\n]*);\n"
                               r"(?:[ \t]*server 127\.0\.0\.1:\d+[^;\n]*;\n)*", re.MULTILINE)
 LISTEN = re.compile(r"^(?P<indent>[ \t]*)listen 80;", re.MULTILINE)
