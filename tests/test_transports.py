@@ -343,7 +343,7 @@ def test_a_heartbeat_or_close_due_while_a_poll_is_answered_waits_for_the_next_po
     (topic,) = unique_topics("t")
     broker.create_topics([topic])
     # A 6 MB history: more than the kernel buffers between the proxy and a client that does not
-    # read (4 MB for the proxy's socket at most, 64 KiB for the client's).
+    # read (at most 4 MB for the proxy's socket, and the 64 KiB receive buffer the client asks for).
     records = [{"n": n, "pad": "x" * 60_000} for n in range(100)]
     produce(broker.bootstrap_servers, topic, records)
     heartbeat = 1.0
@@ -364,6 +364,7 @@ def test_a_heartbeat_or_close_due_while_a_poll_is_answered_waits_for_the_next_po
         assert _frame_of(transport, _read_answer(sock)[1]).startswith("a[")  # the first history
         sock.sendall(_poll_request(transport, session))  # waits: nothing is queued
         _send(proxy, transport, session, {"type": "subscribe", "topics": [topic]})  # the history again
+        assert sock.recv(1, socket.MSG_PEEK)  # the answer has started (and is far from done)
         return sock, session
 
     sock, session = answered_while_a_heartbeat_is_due()
