@@ -214,7 +214,7 @@ class ProxyServer:
         request = handler.request
         route = type(handler).__name__
         metrics.labelled(metrics.HTTP_REQUESTS, route, str(status)).inc()
-        level = logging.INFO if status < 500 else logging.ERROR
+        level = logging.INFO if status < 500 else getattr(handler, "server_error_log_level", logging.ERROR)
         if not access_log.isEnabledFor(level):
             return  # nothing to format (at log_level WARNING, every request but the 5xx)
         path = loggable_path(request.path)

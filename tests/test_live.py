@@ -183,6 +183,10 @@ def test_health_is_503_until_kafka_is_reachable_and_history_loaded(start_proxy, 
         status, body, _ = wait_until(lambda: (answer := proxy.get("/health"))[0] == 200 and answer, 30,
                                      message="/health 200")
         assert body["status"] == "ok" and "reason" not in body
+    # The 503s were answers, not failed requests: logged as warnings, not errors.
+    health_lines = [line for line in proxy.log().splitlines() if "path=/health" in line]
+    assert any(" WARNING proxy.access: " in line and "status=503" in line for line in health_lines), health_lines
+    assert not any(" ERROR " in line for line in health_lines), health_lines
 
 
 def test_topics_status_and_unknown_routes_answer_json(broker, start_proxy):
