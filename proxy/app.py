@@ -103,7 +103,7 @@ class ProxyServer:
             "immediate_flush": False,
         })
         # The raw (non-SockJS) websocket endpoint would bypass the bounded, coalescing queue.
-        # sockjs-tornado routes jsonp_send even with jsonp off; it answers bad input with 500.
+        # sockjs-tornado routes jsonp_send even with jsonp off: not routed then.
         unused = ("/websocket",) + (() if "jsonp" in config.live.transports else ("/jsonp_send$",))
         sockjs_routes = [route for route in router.urls if not route[0].endswith(unused)]
         common = {"cors_origins": config.cors_origins}

@@ -186,21 +186,33 @@ def test_malformed_websocket_frames_are_the_clients_error(broker, start_proxy):
     assert "not a SockJS message" in log
 
 
-@pytest.mark.parametrize("body, status", [(b"", 400), (b"[not json", 400), (b"x" * (70 * 1024), 413)])
-def test_malformed_or_oversized_xhr_send_gets_a_json_4xx(broker, start_proxy, sockjs, body, status):
+@pytest.mark.parametrize("endpoint", ["xhr_send", "jsonp_send"])
+@pytest.mark.parametrize("body, status", [(b"", 400), (b"[not json", 400), (b'["\xff"]', 400), (b'{"a": 1}', 400),
+                                          (b"x" * (70 * 1024), 413)])
+def test_malformed_or_oversized_messages_from_polling_clients_get_a_json_4xx(broker, start_proxy, sockjs, endpoint,
+                                                                            body, status):
     (topic,) = unique_topics("t")
     broker.create_topics([topic])
-    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {
+        "transports": ["websocket", "xhr_streaming", "xhr", "jsonp"]}})
     client = sockjs(proxy.base, "xhr_streaming")
     client.receive(1, timeout=30)
-    request = urllib.request.Request(f"{proxy.base}/live/000/{client.session_id}/xhr_send", data=body, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=10)
-    assert refused.value.code == status
-    assert "error" in json.loads(refused.value.read())
+    url = f"{proxy.base}/live/000/{client.session_id}/{endpoint}"
+    requests = [urllib.request.Request(url, data=body, method="POST")]
+    if endpoint == "jsonp_send":  # sockjs-client's way: a form field d=<messages>
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        requests.append(urllib.request.Request(url, data=b"d=" + urllib.parse.quote_plus(body).encode(), headers=form))
+        if not body:
+            requests.append(urllib.request.Request(url, data=b"x=1", headers=form))  # no field d
+    for request in requests:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == status
+        assert "error" in json.loads(refused.value.read())
     client.send({"type": "subscribe", "topics": [topic]})  # the session is still fine
     assert client.receive(1, timeout=30)[0]["type"] == "history"
-    assert "Traceback" not in proxy.log()
+    log = proxy.log()
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
 
 
 def _rss_mib(pid: int) -> float:
@@ -387,3 +399,30 @@ def test_a_heartbeat_or_close_due_while_a_poll_is_answered_waits_for_the_next_po
     sock.close()
     log = proxy.log()
     assert "Traceback" not in log and "Content-Length" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/live/000/{session}/xhr"), ("PUT", "/live/000/{session}/xhr_send"),
+    ("DELETE", "/live/000/{session}/xhr_streaming"), ("POST", "/live/000/{session}/websocket"),
+    ("POST", "/live/info"), ("PUT", "/live"), ("POST", "/live/000/{session}/eventsource")])
+def test_wrong_methods_on_sockjs_urls_get_a_json_error(broker, start_proxy, method, path):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    url = proxy.base + path.format(session=uuid.uuid4().hex[:8])
+    request = urllib.request.Request(url, data=b"" if method in ("POST", "PUT") else None, method=method)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert 400 <= refused.value.code < 500
+    assert refused.value.headers["Content-Type"].startswith("application/json")
+    assert "error" in json.loads(refused.value.read())
+    log = proxy.log()
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_plain_get_of_the_websocket_url_gets_a_json_400(broker, start_proxy):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    status, body, headers = proxy.get(f"/live/000/{uuid.uuid4().hex[:8]}/websocket")
+    assert status == 400 and headers["Content-Type"].startswith("application/json") and "Upgrade" in body["error"]

@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import http
 import logging
 import struct
 import typing
+import urllib.parse
 
 import tornado.iostream
 import tornado.websocket
@@ -79,13 +81,23 @@ def websocket_frame(payload: bytes) -> tuple[bytes, ...]:
     return (header + payload,) if size < ZERO_COPY_FROM else (header, payload)
 
 
-class _Droppable:
+class _JsonErrors:
+    """What every SockJS handler here adds: its error pages (a wrong method, say) are JSON
+    {"error": ...} like every other route's, not Tornado's HTML."""
+
+    # sockjs-tornado's finish() reads it, but only prepare() sets it: a request that fails before
+    # (a malformed body, a wrong method) raised AttributeError and was never answered.
+    logged = False
+
+    def write_error(self, status_code: int, **kwargs: typing.Any) -> None:
+        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
+        self.finish(ujson.dumps({"error": http.HTTPStatus(status_code).phrase}))  # type: ignore[attr-defined]
+
+
+class _Droppable(_JsonErrors):
     """What every live transport adds: connection_lost() and drop()."""
 
     session: typing.Any
-    # sockjs-tornado's finish() reads it, but only prepare() sets it: a request that fails before
-    # (a malformed body, say) raised AttributeError and was never answered.
-    logged = False
 
     def connection_lost(self) -> bool:
         raise NotImplementedError
@@ -101,6 +113,28 @@ class _Droppable:
 
 class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
     """SockJS over a websocket."""
+
+    async def _execute(self, transforms: typing.Any, *args: typing.Any, **kwargs: typing.Any) -> None:
+        """sockjs-tornado refuses what is not a websocket upgrade in plain text; the same refusals
+        in JSON, like every other route's errors."""
+        headers = self.request.headers
+        if self.request.method != "GET":
+            refusal = (405, "a websocket is opened with GET")
+        elif headers.get("Upgrade", "").lower() != "websocket":
+            refusal = (400, 'expected "Upgrade: websocket"')
+        elif "upgrade" not in (token.strip().lower() for token in headers.get("Connection", "").split(",")):
+            refusal = (400, 'expected "Connection: Upgrade"')
+        else:
+            await super()._execute(transforms, *args, **kwargs)
+            return
+        self._transforms = transforms
+        status, error = refusal
+        self.set_status(status)
+        if status == 405:
+            self.set_header("Allow", "GET")
+        self.set_header("Connection", "Close")
+        self.set_header("Content-Type", "application/json")
+        self.finish(ujson.dumps({"error": error}))
 
     def open(self, session_id: str) -> None:  # type: ignore[override]
         super().open(session_id)
@@ -262,56 +296,74 @@ class LiveJsonpTransport(_OneAnswerPerRequest, transports.JSONPTransport):
     """SockJS over one JSONP (script) request per batch of messages."""
 
 
-class LiveXhrSendHandler(transports.XhrSendHandler):
-    """Messages from xhr-based clients: malformed or oversized bodies get a JSON 4xx."""
+class _MessagesReceived(_JsonErrors):
+    """What the handlers of messages from polling clients (xhr_send, jsonp_send) add: a malformed
+    or oversized body gets a JSON 4xx and one log line (sockjs-tornado answered 500, jsonp_send
+    with a traceback in the log)."""
 
-    logged = False  # see _Droppable
+    request: typing.Any
+    server: typing.Any
 
     def post(self, session_id: str) -> None:
         limit = self.server.settings.get("max_message_bytes")
         if limit is not None and len(self.request.body) > limit:
             return self._refuse(413, f"message too large: at most {limit} bytes")
-        if not self.request.body:
+        payload = self._payload()
+        if payload is None:
+            return self._refuse(400, 'expected the messages in the form field "d"')
+        if not payload:
             return self._refuse(400, "payload expected")
         try:
-            messages = ujson.loads(self.request.body)
+            messages = ujson.loads(payload)
         except ValueError:
             return self._refuse(400, "broken JSON encoding")
         if not isinstance(messages, list):
             return self._refuse(400, "expected a JSON array of messages")
-        super().post(session_id)
+        super().post(session_id)  # type: ignore[misc]
+
+    def _payload(self) -> bytes | None:
+        """The JSON text of the messages: the body."""
+        return self.request.body
 
     def _refuse(self, status: int, error: str) -> None:
-        self.preflight()
-        self.disable_cache()
-        log.info("xhr_send from %s refused: %s", self.request.remote_ip, error)
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.write(ujson.dumps({"error": error}))
+        self.preflight()  # type: ignore[attr-defined]
+        self.disable_cache()  # type: ignore[attr-defined]
+        log.info("%s from %s refused: %s", self.request.path.rsplit("/", 1)[-1], self.request.remote_ip, error)
+        self.set_status(status)  # type: ignore[attr-defined]
+        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
+        self.write(ujson.dumps({"error": error}))  # type: ignore[attr-defined]
 
 
-class LiveGreetingsHandler(static.GreetingsHandler):
+class LiveXhrSendHandler(_MessagesReceived, transports.XhrSendHandler):
+    """Messages from xhr-based clients."""
+
+
+class LiveJsonpSendHandler(_MessagesReceived, transports.JSONPSendHandler):
+    """Messages from jsonp clients: a form field d=<messages> (or the bare JSON)."""
+
+    def _payload(self) -> bytes | None:
+        body = self.request.body
+        if self.request.headers.get("Content-Type", "").lower() != "application/x-www-form-urlencoded":
+            return body
+        if not body.startswith(b"d="):
+            return None
+        return urllib.parse.unquote_to_bytes(body[2:].replace(b"+", b" "))
+
+
+class LiveGreetingsHandler(_JsonErrors, static.GreetingsHandler):
     """GET /live: the SockJS greeting."""
 
-    logged = False  # see _Droppable
 
-
-class LiveInfoHandler(static.InfoHandler):
+class LiveInfoHandler(_JsonErrors, static.InfoHandler):
     """GET /live/info: what the SockJS server offers."""
 
-    logged = False  # see _Droppable
 
-
-class LiveIFrameHandler(static.IFrameHandler):
+class LiveIFrameHandler(_JsonErrors, static.IFrameHandler):
     """GET /live/iframe.html: the iframe page of SockJS's cross-domain transports."""
 
-    logged = False  # see _Droppable
 
-
-class LiveChunkingTestHandler(static.ChunkingTestHandler):
+class LiveChunkingTestHandler(_JsonErrors, static.ChunkingTestHandler):
     """POST /live/chunking_test: SockJS's streaming probe."""
-
-    logged = False  # see _Droppable
 
 
 # sockjs-tornado's handler classes → ours, applied to the router's URL list.
@@ -326,4 +378,5 @@ REPLACEMENTS: dict[type, type] = {
     transports.XhrPollingTransport: LiveXhrPollingTransport,
     transports.JSONPTransport: LiveJsonpTransport,
     transports.XhrSendHandler: LiveXhrSendHandler,
+    transports.JSONPSendHandler: LiveJsonpSendHandler,
 }
