@@ -111,6 +111,9 @@ def run(records: int = 200_000, partitions: int = 4) -> dict:
         "proxy_per_s": proxy_rate, "bare_per_s": bare_rate, "bare_runs": bare, "ratio": proxy_rate / bare_rate,
         "target": TARGET_RATIO, "closed": after["closed"], "close_codes": after["close_codes"],
         "dropped": after_metrics.get("proxy_slow_sessions_dropped_total", 0),
+        # Time the consumer thread waited because the client's queue was over its limit.
+        "ingest_waited_seconds": after_metrics.get("proxy_ingest_backpressure_seconds_total", 0) - before_metrics.get(
+            "proxy_ingest_backpressure_seconds_total", 0),
         "cpu": cpu_summary({name: used / drain_wall for name, used in cpu_seconds.items()}, machine_cores),
         # Not during the drain: the producer ran while the proxy was stopped, the bare consumer alone.
         "cpu_producer_while_producing": (producer_cpu or 0) / max(produce_seconds, 1e-9),
@@ -134,8 +137,8 @@ def report(result: dict) -> None:
           f"bare consumer + ujson.loads: {result['bare_per_s']:,.0f}/s "
           f"(runs: {', '.join(bare_rates)})")
     print(f"  client closed: {result['closed']} {result['close_codes'] or ''}; sessions dropped as slow: "
-          f"{result['dropped']:.0f}; proxy RSS {result['proxy_rss_mib']:.0f} MiB "
-          f"(peak {result['proxy_peak_rss_mib']:.0f})")
+          f"{result['dropped']:.0f}; ingest waited for the client {result['ingest_waited_seconds']:.2f} s; "
+          f"proxy RSS {result['proxy_rss_mib']:.0f} MiB (peak {result['proxy_peak_rss_mib']:.0f})")
     print(f"  proxy CPU {result['proxy_us_per_ingested']:.1f} us per ingested record, "
           f"{result['proxy_us_per_delivered']:.1f} us per delivered message "
           f"(bare consumer {result['bare_us_per_record']:.1f} us per record)")
