@@ -20,6 +20,7 @@ import tornado.web
 import websocket
 import yaml
 
+from bench.processes import cpu_seconds, open_descriptors
 from proxy.config import ConfigError, parse_config
 from proxy.listener import CLOSE_TIMEOUT, ProxyHTTPServer
 from proxy.testing import ProxyProcess, SockJSClient, unique_topics, wait_until
@@ -111,16 +112,6 @@ def proc_status(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
-
-
-def open_descriptors(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
