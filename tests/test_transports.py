@@ -426,3 +426,17 @@ def test_a_plain_get_of_the_websocket_url_gets_a_json_400(broker, start_proxy):
     proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
     status, body, headers = proxy.get(f"/live/000/{uuid.uuid4().hex[:8]}/websocket")
     assert status == 400 and headers["Content-Type"].startswith("application/json") and "Upgrade" in body["error"]
+
+
+@pytest.mark.parametrize("endpoint", ["xhr_send", "jsonp_send"])
+def test_messages_to_a_session_that_does_not_exist_get_a_json_404(broker, start_proxy, endpoint):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {
+        "transports": ["websocket", "xhr_streaming", "xhr", "jsonp"]}})
+    request = urllib.request.Request(f"{proxy.base}/live/000/{uuid.uuid4().hex[:8]}/{endpoint}",
+                                     data=b'["{}"]', method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 404
+    assert "session" in json.loads(refused.value.read())["error"]

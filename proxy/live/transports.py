@@ -298,13 +298,16 @@ class LiveJsonpTransport(_OneAnswerPerRequest, transports.JSONPTransport):
 
 class _MessagesReceived(_JsonErrors):
     """What the handlers of messages from polling clients (xhr_send, jsonp_send) add: a malformed
-    or oversized body gets a JSON 4xx and one log line (sockjs-tornado answered 500, jsonp_send
-    with a traceback in the log)."""
+    or oversized body, or an unknown session, gets a JSON 4xx and one log line (sockjs-tornado
+    answered 500, jsonp_send with a traceback in the log, and an empty 404)."""
 
     request: typing.Any
     server: typing.Any
 
     def post(self, session_id: str) -> None:
+        session = self.server.get_session(session_id)
+        if session is None or session.is_closed:  # sockjs-tornado: a 404 with an empty body
+            return self._refuse(404, "no such session (never opened, or ended)")
         limit = self.server.settings.get("max_message_bytes")
         if limit is not None and len(self.request.body) > limit:
             return self._refuse(413, f"message too large: at most {limit} bytes")
