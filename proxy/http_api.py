@@ -140,7 +140,7 @@ class HealthHandler(JsonHandler):
     # "open" or "token": the live page asks for a token when it is "token".
     live_access: str
     # Its 503 is the answer (starting, Kafka unreachable), not a failed request: a load balancer
-    # probing every second must not fill the log with errors (the state changes are logged once).
+    # probing every second must not fill the log with errors (ingest's own lines say why).
     server_error_log_level = logging.WARNING
 
     def get(self) -> None:
