@@ -90,8 +90,13 @@ class _JsonErrors:
     logged = False
 
     def write_error(self, status_code: int, **kwargs: typing.Any) -> None:
+        self._write_error_body(http.HTTPStatus(status_code).phrase)
+        self.finish()  # type: ignore[attr-defined]
+
+    def _write_error_body(self, error: str) -> None:
+        """{"error": error} as the body (the status is the caller's)."""
         self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
-        self.finish(ujson.dumps({"error": http.HTTPStatus(status_code).phrase}))  # type: ignore[attr-defined]
+        self.write(ujson.dumps({"error": error}))  # type: ignore[attr-defined]
 
 
 class _Droppable(_JsonErrors):
@@ -133,8 +138,8 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
         if status == 405:
             self.set_header("Allow", "GET")
         self.set_header("Connection", "Close")
-        self.set_header("Content-Type", "application/json")
-        self.finish(ujson.dumps({"error": error}))
+        self._write_error_body(error)
+        self.finish()
 
     def open(self, session_id: str) -> None:  # type: ignore[override]
         super().open(session_id)
@@ -333,8 +338,7 @@ class _MessagesReceived(_JsonErrors):
         self.disable_cache()  # type: ignore[attr-defined]
         log.info("%s from %s refused: %s", self.request.path.rsplit("/", 1)[-1], self.request.remote_ip, error)
         self.set_status(status)  # type: ignore[attr-defined]
-        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
-        self.write(ujson.dumps({"error": error}))  # type: ignore[attr-defined]
+        self._write_error_body(error)
 
 
 class LiveXhrSendHandler(_MessagesReceived, transports.XhrSendHandler):
