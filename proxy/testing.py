@@ -156,6 +156,24 @@ class ProxyProcess:
         return status, text, head
 
 
+def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response (status, headers, body) read from a raw socket."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the body"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
 def parse_sockjs_frame(frame: str) -> list[typing.Any] | None:
     """The messages of one SockJS frame, decoded; None for open/heartbeat; raises on close."""
     if frame in ("o", "h") or not frame:

@@ -23,7 +23,7 @@ import yaml
 from bench.processes import cpu_seconds, open_descriptors
 from proxy.config import ConfigError, parse_config
 from proxy.listener import CLOSE_TIMEOUT, ProxyHTTPServer
-from proxy.testing import ProxyProcess, SockJSClient, unique_topics, wait_until
+from proxy.testing import ProxyProcess, SockJSClient, read_response, unique_topics, wait_until
 
 # Runs the proxy with a descriptor limit of the test's choosing, as `ulimit -n` in a unit would.
 LAUNCHER = ("import resource, sys; soft, hard = map(int, sys.argv.pop(1).split(':')); "
@@ -112,24 +112,6 @@ def proc_status(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
-
-
-def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP response (status, headers, body) read from a raw socket."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed in the body"
-        body += chunk
-    return int(lines[0].split()[1]), headers, body
 
 
 def closed_by_peer(sock: socket.socket, within: float) -> float | None:

@@ -20,7 +20,8 @@ import websocket
 from confluent_kafka import Producer
 
 from proxy.live.fanout import POLL_INTERVAL_MIN
-from proxy.testing import SockJSClient, SockJSClosed, parse_sockjs_frame, produce, unique_topics, wait_until
+from proxy.testing import (SockJSClient, SockJSClosed, parse_sockjs_frame, produce, read_response, unique_topics,
+                           wait_until)
 
 TRANSPORTS = SockJSClient.TRANSPORTS
 
@@ -308,22 +309,10 @@ def _poll_request(transport: str, session: str) -> bytes:
 
 
 def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
-    """One HTTP response (status, body) from a keep-alive connection; the body by Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"connection closed after {data[:200]!r}")
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-    while len(body) < length:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError(f"connection closed {length - len(body)} bytes short of the answer")
-        body += chunk
-    assert len(body) == length, "more bytes than the Content-Length"
-    return int(head.split()[1]), body
+    """One answer of a keep-alive connection: (status, body), nothing beyond its Content-Length."""
+    status, headers, body = read_response(sock, timeout=10)
+    assert len(body) == int(headers["content-length"]), "more bytes than the Content-Length"
+    return status, body
 
 
 def _frame_of(transport: str, body: bytes) -> str:
