@@ -6,6 +6,7 @@ of the live path is tested end to end over real sockets (test_live.py, test_tran
 
 from __future__ import annotations
 
+import collections
 import time
 import types
 import typing
@@ -87,6 +88,21 @@ def test_polling_answers_are_spaced_out_more_as_polling_sessions_add_up():
         hub._connections = {Polling(True) for _ in range(polling)} | {Polling(False) for _ in range(websockets)}
         hub.sweep()
         assert hub.poll_interval == expected
+
+
+def test_polling_sessions_answered_together_are_answered_next_spread_out():
+    """Sessions answered in one callback round (after a stall of the IOLoop) must not stay in step:
+    their next answers spread over the jitter window, never sooner than the poll interval."""
+    from proxy.live import session
+
+    interval, now = 0.5, 1000.0
+    due = [session.next_answer_at(now, interval) for _ in range(200)]
+    assert min(due) >= now + interval
+    assert max(due) <= now + interval * (1 + session.POLL_JITTER)
+    window = interval * session.POLL_JITTER
+    # Ten slots across the window: in step, all 200 would share one; spread, each holds ~20.
+    slots = collections.Counter(min(9, int(10 * (t - now - interval) / window)) for t in due)
+    assert len(slots) == 10 and max(slots.values()) <= 50, slots
 
 
 def test_a_long_tick_writes_in_slices_so_the_ioloop_serves_sockets_between_them():

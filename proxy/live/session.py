@@ -7,6 +7,7 @@ went over its limit, when its write in flight started.
 
 from __future__ import annotations
 
+import random
 import time
 import typing
 
@@ -27,6 +28,18 @@ MAX_FRAME_BYTES = 1024 * 1024
 BEHIND_BYTES = 64 * 1024
 # Transports that take one HTTP request per answer: answered at most every hub.poll_interval.
 POLLING_TRANSPORTS = frozenset({"xhr", "jsonp"})
+# A polling session's next answer waits hub.poll_interval plus a random share of it, up to this
+# fraction. Periodic timers fall into step: every stall of the IOLoop (a long tick, a collection)
+# gathered the timers due meanwhile into one callback round, and with one period for all they
+# stayed together, so answers and the polls that follow them came in bursts (2,000-session soak:
+# up to 74 answers in 50 ms against 20 on average, /health waiting behind them). A random share
+# spreads them out again.
+POLL_JITTER = 0.2
+
+
+def next_answer_at(now: float, interval: float) -> float:
+    """When a polling session answered at `now` may be answered again."""
+    return now + interval * (1.0 + POLL_JITTER * random.random())
 
 
 def drop_if_lost(handler: typing.Any) -> bool:
@@ -185,7 +198,7 @@ class LiveSession(Session):
                 if not handler.active:
                     self.write_started = time.monotonic()  # until the transport calls flush() again
                 if self.polling:
-                    self.next_answer_at = time.monotonic() + self.hub.poll_interval
+                    self.next_answer_at = next_answer_at(time.monotonic(), self.hub.poll_interval)
             if not self._write_again():
                 return
             frame = self.hub.frame(self.take())
