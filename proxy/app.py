@@ -148,7 +148,8 @@ class ProxyServer:
         # Bad Kafka settings fail here, before anything else is touched. The history cannot reach
         # the IOLoop before the port is open: nothing below awaits.
         self.ingest.start()
-        sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address)
+        sockets = tornado.netutil.bind_sockets(self.config.listen.port, self.config.listen.address,
+                                                backlog=self.config.listen.backlog)
         self.port = sockets[0].getsockname()[1]
         # Bound first, so the default name has the real port: the name tags this instance's
         # temporary files in a data folder other instances may share.

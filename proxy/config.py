@@ -49,6 +49,7 @@ class ListenConfig:
     idle_connection_timeout: float = 30.0
     body_timeout: float = 10.0
     max_body_size: int = 8 * 1024
+    backlog: int = 1024
 
 
 @dataclass
@@ -207,7 +208,7 @@ def _check_values(config: Config, source: str) -> None:
         fail("listen.port", "must be a port number (0-65535)")
     if config.listen.max_connections is not None and config.listen.max_connections < 1:
         fail("listen.max_connections", "must be 1 or more (or null: from the descriptor limit)")
-    for key in ("idle_connection_timeout", "body_timeout", "max_body_size"):
+    for key in ("idle_connection_timeout", "body_timeout", "max_body_size", "backlog"):
         if getattr(config.listen, key) <= 0:
             fail(f"listen.{key}", "must be positive")
     if len(set(config.topics)) != len(config.topics):

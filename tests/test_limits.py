@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import re
+import select
+import signal
 import socket
 import sys
 import time
@@ -230,6 +232,40 @@ def test_new_connection_beyond_the_cap_gets_503_when_none_is_idle(limited_proxy)
 # ---- slow and idle clients --------------------------------------------------------------------
 
 
+def handshakes_completed(sockets: list[socket.socket], within: float) -> int:
+    """How many of these non-blocking connects the kernel completed within `within` seconds (a
+    connect the listen backlog had no room for waits for its SYN retransmit, 1 s later)."""
+    poller = select.poll()
+    for sock in sockets:
+        poller.register(sock, select.POLLOUT)
+    done: set[int] = set()
+    deadline = time.monotonic() + within
+    while len(done) < len(sockets) and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(1, int(1000 * (deadline - time.monotonic())))):
+            poller.unregister(fd)
+            done.add(fd)
+    return sum(sock.fileno() in done and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+               for sock in sockets)
+
+
+@pytest.mark.parametrize("backlog, completed", [(None, 400), (32, 33)])
+def test_a_burst_of_connects_waits_in_the_listen_backlog_not_for_syn_retransmits(
+        limited_proxy, client_sockets, backlog, completed):
+    """Hundreds of screens reconnecting at once (a restart, a failover) while the proxy is busy:
+    the kernel completes every handshake and holds it until the proxy accepts. Tornado's default
+    backlog (128) dropped the rest, which waited 1 s for their SYN retransmit."""
+    proxy = limited_proxy({"listen": {"backlog": backlog}} if backlog else {})
+    proxy.process.send_signal(signal.SIGSTOP)  # busy: accepting nothing
+    try:
+        open_idle(proxy.port, 400, client_sockets)
+        # Within 0.8 s: no retransmit (1 s) can have helped.
+        assert handshakes_completed(client_sockets, 0.8) == completed  # the backlog, plus one (Linux)
+    finally:
+        proxy.process.send_signal(signal.SIGCONT)
+    close_all(client_sockets)
+    assert health_within(proxy, 10) == 200
+
+
 def test_client_trickling_headers_is_cut_off_at_the_idle_timeout(limited_proxy, client_sockets):
     proxy = limited_proxy({"listen": {"idle_connection_timeout": 1}})
     sock = connect(proxy.port)
@@ -405,7 +441,7 @@ def test_closing_all_connections_is_not_held_by_a_request_that_never_finishes():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("max_connections", 0), ("idle_connection_timeout", 0), ("body_timeout", -1), ("max_body_size", 0),
+    ("max_connections", 0), ("backlog", 0), ("idle_connection_timeout", 0), ("body_timeout", -1), ("max_body_size", 0),
     ("max_connections", "many"),
 ])
 def test_bad_listener_limits_are_configuration_errors_naming_the_key(key, value):
