@@ -89,7 +89,7 @@ async def serve(port: int, per_frame: int, replay: str | None = None) -> None:
         BroadcastHandler.frames = sockjs_frames(per_frame)
         handler = BroadcastHandler
     app = tornado.web.Application([(r"/live/([^/]+)/([^/]+)/websocket", handler)])
-    server = app.listen(port, "127.0.0.1")
+    server = app.listen(port, "127.0.0.1", backlog=1024)  # as the proxy (listen.backlog): a burst is not lost SYNs
     stopped = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
     print("READY", flush=True)

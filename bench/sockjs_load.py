@@ -404,7 +404,7 @@ class LoadProcess:
 
     def step(self, timeout: float) -> list[int]:
         """One epoll round; returns the fds of stdin events for the caller."""
-        if self.next_to_open < len(self.sessions):
+        if self.open_started and self.next_to_open < len(self.sessions):  # not before start_opening (GO)
             self._open_due()
             timeout = min(timeout, 0.005)
         other = []
