@@ -48,6 +48,8 @@ class Row(typing.NamedTuple):
     cpu: dict[str, float]
     us_per_ingested: float | None = None
     us_per_delivered: float | None = None
+    # What bounded the figure when the CPU shares cannot tell (see limit()).
+    bound: str | None = None
 
 
 def drain_rows(partitions: tuple[int, ...], details: dict) -> list[Row]:
@@ -111,7 +113,16 @@ def burst_rows(details: dict) -> list[Row]:
                 f"connect; bare Tornado sending the same frames: p99 {result['ceiling']['p99_ms']:.0f} ms, "
                 f"{result['ceiling']['server_cpu_ms_per_client']:.2f} ms per connect",
                 f"p99 <= {history_burst.TARGET_P99_MS:.0f} ms",
-                result["ratio"], verdict(result["passed"]), result["cpu"])]
+                result["ratio"], verdict(result["passed"]), result["cpu"], bound=burst_bound(result))]
+
+
+def burst_bound(result: dict) -> str | None:
+    """The machine, when a bare server that only sends the same frames misses the target too: the
+    burst lasts a fraction of a second, too short for the CPU shares to show the saturation."""
+    bare = result["ceiling"]["p99_ms"]
+    if bare <= history_burst.TARGET_P99_MS:
+        return None
+    return f"machine (bare server p99 {bare:.0f} ms; proxy {result['p99_ms'] / bare:.2f} x that)"
 
 
 def export_rows(details: dict) -> list[Row]:
@@ -179,7 +190,7 @@ def print_table(rows: list[Row]) -> None:
     header = ("benchmark", "measured", "target", "ratio", "result", "CPU (100% = 1 core)", "limit",
               "proxy us/ingested", "proxy us/delivered")
     table = [header] + [(row.benchmark, row.measured, row.target, "" if row.ratio is None else f"{row.ratio:.2f}",
-                         row.result, format_cpu_cell(row.cpu), limit(row.cpu),
+                         row.result, format_cpu_cell(row.cpu), row.bound or limit(row.cpu),
                          "" if row.us_per_ingested is None else f"{row.us_per_ingested:.1f}",
                          "" if row.us_per_delivered is None else f"{row.us_per_delivered:.2f}") for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -189,7 +200,7 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
     print(f"\nratio = measured / target, oriented so that <= 1 passes (for 'at least' targets: target / measured). "
           f"All processes shared this machine's {os.cpu_count()} cores; 'others' is what the rest of the machine "
-          f"used meanwhile; limit: proxy = its IOLoop used a whole core, machine = every core was busy.")
+          f"used meanwhile; limit: proxy = its IOLoop used a whole core, machine = every core was busy (or a bare server doing only the transfer missed the target too).")
 
 
 def git_state() -> dict[str, typing.Any]:
@@ -248,7 +259,7 @@ def main() -> int:
         json.dump({"when": now.isoformat(timespec="seconds"), "seconds": round(time.monotonic() - started),
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                "load_average_at_end": os.getloadavg()},
-                   "git": git_state(), "rows": [row._asdict() | {"limit": limit(row.cpu)} for row in rows],
+                   "git": git_state(), "rows": [row._asdict() | {"limit": row.bound or limit(row.cpu)} for row in rows],
                    "details": details},
                   handle, indent=1, default=str)
     print(f"results: {os.path.relpath(path, REPO)} ({time.monotonic() - started:.0f} s in all)")
