@@ -78,11 +78,39 @@ class TopicExportConfig:
     parent_fields: dict[str, str] = field(default_factory=dict)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last one silently, so a setting pasted twice quietly overrode the first."""
+
+
+def _unique_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> typing.Any:
+    loader.flatten_mapping(node)
+    seen: set[typing.Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            continue  # not hashable: construct_mapping below says so
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
+def read_yaml(text: typing.Any) -> typing.Any:
+    """yaml.safe_load, refusing duplicate keys (a string or an open file)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+
+
 @functools.cache
 def shipped_defaults() -> dict[str, typing.Any]:
     """The defaults file shipped with the package (the repository's config.yaml)."""
     text = importlib.resources.files("proxy").joinpath("defaults.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return read_yaml(text)
 
 
 def default_topics() -> list[str]:
@@ -130,7 +158,7 @@ def load_config(path: str, *, required: bool = False) -> Config:
     """Read and validate a YAML config file; a missing optional file gives the shipped defaults."""
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+            raw = read_yaml(handle)
     except FileNotFoundError:
         if required:
             raise ConfigError(f"{path}: file not found") from None

@@ -119,6 +119,7 @@ def test_clients_survive_a_broker_restart_and_get_messages_produced_after_it(sta
     ("topcs: [a]\n", "unknown key 'topcs'"),
     ("history_size: [1]\n", "'history_size' must be an integer"),
     ("topics: [a\n", "not valid YAML"),
+    ("listen:\n  port: 8001\n  max_body_size: 1024\n  port: 8002\n", "key 'port' is given twice"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_file(tmp_path, content, fragment):
     config = tmp_path / "bad.yaml"
