@@ -200,7 +200,8 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
     print(f"\nratio = measured / target, oriented so that <= 1 passes (for 'at least' targets: target / measured). "
           f"All processes shared this machine's {os.cpu_count()} cores; 'others' is what the rest of the machine "
-          f"used meanwhile; limit: proxy = its IOLoop used a whole core, machine = every core was busy (or a bare server doing only the transfer missed the target too).")
+          f"used meanwhile; limit: proxy = its IOLoop used a whole core, machine = every core was busy (or a "
+          f"bare server doing only the transfer missed the target too).")
 
 
 def git_state() -> dict[str, typing.Any]:

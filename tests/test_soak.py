@@ -10,12 +10,13 @@ are `make soak`'s (bench/soak.py), not a timed test's.
 from __future__ import annotations
 
 import json
+import time
 import typing
 
 import pytest
 
-from bench.processes import ProducerProcess
-from bench.soak import SoakPlan, judge, report, run_soak
+from bench.processes import LoadClients, ProducerProcess
+from bench.soak import SoakPlan, judge, report, run_soak, sessions_open
 from proxy.config import default_topics
 from proxy.testing import unique_topics
 
@@ -56,3 +57,23 @@ def test_two_hundred_sessions_on_three_transports_get_every_message_and_leave_no
         f"after everyone left: {result['after']} (baseline {result['baseline']})")
     assert result["after"]["sessions"] == result["baseline"]["sessions"]
     assert result["after"]["fds"] <= result["baseline"]["fds"]
+
+
+def test_load_clients_told_to_wait_for_go_connect_only_then(broker, start_proxy):
+    """bench/history_burst.py's clients connect at once, on GO. Before that none may be connected:
+    they were, as each load process started, and the 'burst' was four staggered groups of 50."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    load = LoadClients(proxy.port, 20, histories=1, wait_for_go=True).start()
+    try:
+        watched_until = time.monotonic() + 1.0
+        while time.monotonic() < watched_until:  # a second in which nothing may connect
+            assert sessions_open(proxy) == 0
+            time.sleep(0.05)  # pacing the probes of an invariant, not waiting for a condition
+        load.send("GO")
+        answer = json.loads(load.line(30))
+        assert len(answer["history_ms"]) == 20 and answer["failed"] == 0
+        assert sessions_open(proxy) == 20
+    finally:
+        load.stop()
