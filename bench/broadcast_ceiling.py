@@ -9,17 +9,23 @@ clients can move on this machine; the proxy cannot deliver more.
 
 With --replay FILE (a JSON list of SockJS frames, e.g. the 13 history frames a proxy sent one
 client), each connection gets "o" and those frames, and nothing more: the ceiling of a connect
-burst (bench/history_burst.py).
+burst (bench/history_burst.py). With --replay and --lean, the same without Tornado: an asyncio
+protocol that finds the Sec-WebSocket-Key, answers the upgrade and writes the frames in one call,
+and reads nothing else (no HTTP parsing, no handler, no websocket reader). That is about the least
+a Python server can spend per connect: what the burst would cost if only the handshake were lean.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import signal
 import sys
+import typing
 
 import tornado.web
 import tornado.websocket
@@ -27,6 +33,7 @@ import tornado.websocket
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.producer import realistic_values  # noqa: E402
+from proxy.live.transports import websocket_frame  # noqa: E402
 from proxy.live.wire import sockjs_quote  # noqa: E402
 
 FRAME_VARIANTS = 16
@@ -80,7 +87,48 @@ class ReplayHandler(tornado.websocket.WebSocketHandler):
             self.write_message(frame)
 
 
-async def serve(port: int, per_frame: int, replay: str | None = None) -> None:
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+KEY_HEADER = b"\r\nsec-websocket-key:"
+
+
+class LeanReplay(asyncio.Protocol):
+    """Answers a websocket upgrade and writes "o" and the recorded frames with one call, nothing more."""
+
+    frames: list[bytes] = []  # "o" and the recorded frames, encoded as websocket frames
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.request: bytes | None = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.request is None:
+            return  # what the client sends after its upgrade is not read
+        self.request += data
+        end = self.request.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head, self.request = self.request[:end + 2], None
+        start = head.lower().find(KEY_HEADER)
+        if start < 0:  # not a websocket upgrade: the load clients never send one
+            self.transport.close()
+            return
+        start += len(KEY_HEADER)
+        key = head[start:head.index(b"\r\n", start)].strip()
+        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+        self.transport.writelines([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                   b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n",
+                                   *self.frames])
+
+
+async def serve(port: int, per_frame: int, replay: str | None = None, lean: bool = False) -> None:
+    if replay and lean:
+        with open(replay, encoding="utf-8") as recorded:
+            frames = ["o", *json.load(recorded)]
+        LeanReplay.frames = [b"".join(websocket_frame(frame.encode())) for frame in frames]
+        server = await asyncio.get_running_loop().create_server(LeanReplay, "127.0.0.1", port, backlog=1024)
+        await _serve_until_sigterm()
+        server.close()
+        return
     if replay:
         with open(replay, encoding="utf-8") as recorded:
             ReplayHandler.frames = json.load(recorded)
@@ -90,11 +138,15 @@ async def serve(port: int, per_frame: int, replay: str | None = None) -> None:
         handler = BroadcastHandler
     app = tornado.web.Application([(r"/live/([^/]+)/([^/]+)/websocket", handler)])
     server = app.listen(port, "127.0.0.1", backlog=1024)  # as the proxy (listen.backlog): a burst is not lost SYNs
+    await _serve_until_sigterm()
+    server.stop()
+
+
+async def _serve_until_sigterm() -> None:
     stopped = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
     print("READY", flush=True)
     await stopped.wait()
-    server.stop()
 
 
 def main() -> None:
@@ -102,8 +154,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--per-frame", type=int, default=100, help="messages per SockJS frame")
     parser.add_argument("--replay", help="JSON list of SockJS frames each connection gets after 'o'")
+    parser.add_argument("--lean", action="store_true", help="with --replay: an asyncio protocol instead of Tornado")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.per_frame, args.replay))
+    asyncio.run(serve(args.port, args.per_frame, args.replay, args.lean))
 
 
 if __name__ == "__main__":

@@ -10,14 +10,19 @@ are `make soak`'s (bench/soak.py), not a timed test's.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import typing
 
 import pytest
+import websocket
 
-from bench.processes import LoadClients, ProducerProcess
+from bench.processes import BENCH, ENV, LoadClients, ProducerProcess
 from bench.soak import SoakPlan, judge, report, run_soak, sessions_open
 from proxy.config import default_topics
+from proxy.demo.broker import free_port, terminate
 from proxy.testing import unique_topics
 
 SESSIONS = 200
@@ -77,3 +82,26 @@ def test_load_clients_told_to_wait_for_go_connect_only_then(broker, start_proxy)
         assert sessions_open(proxy) == 20
     finally:
         load.stop()
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["tornado", "lean"])
+def test_burst_ceiling_servers_answer_a_real_websocket_handshake_with_the_recorded_frames(tmp_path, lean):
+    """bench/history_burst.py compares the proxy with servers that send the same recorded frames on
+    connect. A ceiling is only one if it does that work: a valid upgrade (websocket-client checks
+    Sec-WebSocket-Accept), "o", every frame, intact and in order."""
+    frames = ['a["' + "x" * size + '"]' for size in (10, 200, 70_000)]  # 7-bit, 16-bit and 64-bit lengths
+    recorded = tmp_path / "frames.json"
+    recorded.write_text(json.dumps(frames))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, os.path.join(BENCH, "broadcast_ceiling.py"), "--port", str(port),
+                               "--replay", str(recorded), *(["--lean"] if lean else [])],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().startswith("READY")
+        connection = websocket.create_connection(f"ws://127.0.0.1:{port}/live/000/abcdefgh/websocket", timeout=10)
+        try:
+            assert [connection.recv() for _ in range(len(frames) + 1)] == ["o", *frames]
+        finally:
+            connection.close()
+    finally:
+        terminate(server, 10.0)
