@@ -28,6 +28,8 @@ from proxy.live.access import LiveAccess
 from proxy.live.fanout import SHUTDOWN_CLOSE, FanoutLimits, LiveHub
 from proxy.live.ingest import KafkaIngest
 from proxy.live.merchant_view import MerchantViews
+from proxy.live.transports import LiveWebSocketTransport
+from proxy.live.upgrade import FastUpgrade
 from proxy.policy import VisibilityPolicy, merchant_id_for, token_from_authorization
 from proxy.systemd import SystemdNotifier
 
@@ -163,6 +165,8 @@ class ProxyServer:
             max_body_size=listen.max_body_size,
             # The one body a route reads: SockJS messages from xhr-based clients.
             body_limits=[(re.escape(config.live.prefix) + r"/[^/]+/[^/]+/xhr_send", config.live.max_message_bytes)])
+        if not listen.trust_forwarded_headers:  # X-Forwarded-For is read by Tornado's path only
+            self.http_server.fast_path = FastUpgrade(app, LiveWebSocketTransport).accept
         self.http_server.add_sockets(sockets)
         self.systemd.start_watchdog(self.ingest.is_alive)
         log.info("listening on http://%s:%d (SockJS at %s)", self.config.listen.address, self.port,

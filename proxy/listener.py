@@ -124,6 +124,41 @@ class TrackedIOStream(tornado.iostream.IOStream):
         self._on_closed(self)
 
 
+class FirstBytes:
+    """An accepted connection whose first bytes have not arrived: no stream yet, but counted, idle
+    (closable to make room) and closed at shutdown like one. Waits at most `timeout` (the header
+    timeout Tornado then applies again to the rest of the request's headers)."""
+
+    def __init__(self, sock: socket.socket, address: typing.Any,
+                 on_readable: Callable[[FirstBytes, socket.socket, typing.Any], None],
+                 on_closed: Callable[[FirstBytes], None], timeout: float):
+        self.sock: socket.socket | None = sock
+        self._address = address
+        self._on_readable = on_readable
+        self._on_closed = on_closed
+        self._io_loop = tornado.ioloop.IOLoop.current()
+        self._io_loop.add_handler(sock, self._readable, tornado.ioloop.IOLoop.READ)
+        self._timeout = self._io_loop.call_later(timeout, self.close)
+
+    def _readable(self, fd: typing.Any, events: int) -> None:
+        sock = self._release()
+        if sock is not None:
+            self._on_readable(self, sock, self._address)
+
+    def close(self) -> None:
+        sock = self._release()
+        if sock is not None:
+            sock.close()
+            self._on_closed(self)
+
+    def _release(self) -> socket.socket | None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self._io_loop.remove_handler(sock)
+            self._io_loop.remove_timeout(self._timeout)
+        return sock
+
+
 class AcceptLoop:
     """Accepts connections on one listening socket; can stop watching it for a while."""
 
@@ -198,15 +233,18 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
         super().initialize(request_callback, max_body_size=ceiling, **kwargs)
         self.max_connections = max_connections
         self.open_connections = 0
-        self._streams: set[TrackedIOStream] = set()
+        self._streams: set[TrackedIOStream | FirstBytes] = set()
         # Connections waiting for a request's headers, the longest-waiting first: since when.
-        self._idle: collections.OrderedDict[tornado.iostream.IOStream, float] = collections.OrderedDict()
+        self._idle: collections.OrderedDict[tornado.iostream.IOStream | FirstBytes, float] = collections.OrderedDict()
         self._refused_log = ThrottledLog(log)
         self._exhausted_log = ThrottledLog(log)
         self._paused_log = ThrottledLog(log)
         self._accept_error_log = ThrottledLog(log)
         self._body_log = ThrottledLog(log)
         self._method_log = ThrottledLog(log)
+        # Given a new connection before Tornado's HTTP server: True when it took the connection
+        # (proxy.live.upgrade's plain websocket upgrade).
+        self.fast_path: Callable[[tornado.iostream.IOStream, typing.Any], bool] | None = None
 
     def add_sockets(self, sockets: typing.Iterable[socket.socket]) -> None:
         for sock in sockets:
@@ -284,20 +322,41 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
         if self.open_connections >= self.max_connections and not self._close_oldest_idle("limit"):
             self._refuse_connection(connection)
             return
+        self.open_connections += 1
+        metrics.OPEN_CONNECTIONS.inc()
+        if self.fast_path is None:
+            self._serve(connection, address)
+            return
+        # At accept, a client's request has nearly never arrived yet (it sends once its connect
+        # completes): the fast path looks when the first bytes are there.
+        waiting = FirstBytes(connection, address, self._first_bytes, self._closed,
+                             typing.cast(float, self.conn_params.header_timeout))
+        self._streams.add(waiting)
+        self._idle[waiting] = time.monotonic()
+
+    def _first_bytes(self, waiting: FirstBytes, connection: socket.socket, address: typing.Any) -> None:
+        self._streams.discard(waiting)
+        self._idle.pop(waiting, None)
+        self._serve(connection, address)
+
+    def _serve(self, connection: socket.socket, address: typing.Any) -> None:
+        """An accepted connection (counted in open_connections) to the fast path or Tornado's HTTP server."""
         try:
             stream = TrackedIOStream(connection, self._closed, max_buffer_size=self.max_buffer_size,
                                      read_chunk_size=self.read_chunk_size)
         except Exception:
             connection.close()
+            self.open_connections -= 1
+            metrics.OPEN_CONNECTIONS.dec()
             log.exception("cannot serve a new connection")
             return
-        self.open_connections += 1
         self._streams.add(stream)
-        metrics.OPEN_CONNECTIONS.inc()
+        if self.fast_path is not None and self.fast_path(stream, address):
+            return
         self._idle[stream] = time.monotonic()
         self.handle_stream(stream, address)
 
-    def _closed(self, stream: TrackedIOStream) -> None:
+    def _closed(self, stream: TrackedIOStream | FirstBytes) -> None:
         self.open_connections -= 1
         self._streams.discard(stream)
         metrics.OPEN_CONNECTIONS.dec()

@@ -25,6 +25,10 @@ SLOW_SESSIONS_DROPPED = Counter(
     "proxy_slow_sessions_dropped_total",
     "Sessions closed because they stayed too far behind (their own limit, or the total budget)",
     registry=REGISTRY)
+FAST_UPGRADES = Counter(
+    "proxy_websocket_fast_upgrades_total",
+    "SockJS websocket upgrades accepted at accept time, without Tornado's HTTP machinery (proxy.live.upgrade)",
+    registry=REGISTRY)
 LIVE_QUEUED_BYTES = Gauge(
     "proxy_live_queued_bytes", "Bytes queued or in flight to SockJS sessions, each shared chunk counted once",
     registry=REGISTRY)

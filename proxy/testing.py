@@ -95,6 +95,7 @@ class ProxyProcess:
         settings = {"listen": {"address": "127.0.0.1", "port": self.port},
                     "data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5}
         settings.update(config)
+        settings["listen"] = {"address": "127.0.0.1", "port": self.port, **config.get("listen", {})}
         if fetch_wait_ms is not None:
             # The test broker (Tansu) holds every fetch for the whole fetch.wait.max.ms: keep it short.
             settings["kafka"] = {"fetch.wait.max.ms": fetch_wait_ms, **config.get("kafka", {})}

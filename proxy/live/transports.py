@@ -35,19 +35,20 @@ ZERO_COPY_FROM = 64 * 1024
 CONNECTION_INTERRUPTED = (1002, "Connection interrupted")
 
 
-def send_now(stream: tornado.iostream.IOStream, parts: tuple[bytes, ...]) -> typing.Any:
+def send_now(stream: tornado.iostream.IOStream, parts: tuple[bytes, ...], flags: int = 0) -> typing.Any:
     """Write parts to the stream's socket now; None when it took them all, else the future of
     the rest, queued on the stream (Tornado writes it as the socket drains).
 
     Only when nothing is waiting in the stream's buffer (order is kept); TLS streams, or a stream
     with queued data, take the normal path. Raises StreamClosedError when the connection is gone.
+    flags: of sendmsg (MSG_MORE: the kernel holds a short write back for the next one).
     """
     if stream.closed():
         raise tornado.iostream.StreamClosedError()
     sent = 0
     if not isinstance(stream, tornado.iostream.SSLIOStream) and not stream.writing():
         try:
-            sent = stream.socket.sendmsg(parts)
+            sent = stream.socket.sendmsg(parts, (), flags)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -147,6 +148,13 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
         # on_close() before open(), when there was no session to close yet.
         if self.session is not None and self.connection_lost():
             self.on_close()
+
+    def check_origin(self, origin: str) -> bool:
+        """A cross-origin websocket from an origin in `cors_origins`, as the HTTP API allows one.
+        sockjs-tornado compared that list with the Origin's host alone ("allowed.example" against
+        "https://allowed.example"): a listed origin was refused its websocket (403)."""
+        allowed = self.server.settings.get("websocket_allow_origin", "*")
+        return allowed == "*" or origin in allowed
 
     def connection_lost(self) -> bool:
         connection = self.ws_connection

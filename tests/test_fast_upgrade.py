@@ -1,0 +1,249 @@
+"""The SockJS websocket upgrade accepted without Tornado's HTTP machinery (proxy.live.upgrade).
+
+The fast path must be invisible: the same 101, the same frames, the same refusals (which it leaves
+to Tornado), for every request Tornado's path would accept. What it declines is decided on the
+request's bytes alone: those cases are unit tests on the real application's routes; the rest runs
+against a real proxy over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import socket
+import typing
+import uuid
+
+import pytest
+import tornado.iostream
+import websocket
+
+from proxy.app import ProxyServer
+from proxy.config import parse_config
+from proxy.live.transports import LiveWebSocketTransport
+from proxy.live.upgrade import FastUpgrade
+from proxy.testing import produce, unique_topics, wait_until
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def upgrade_request(path: str | None = None, *, method: str = "GET", version: str = "HTTP/1.1",
+                    extra: str = "", drop: tuple[str, ...] = (), key: str | None = None,
+                    origin: str | None = "http://127.0.0.1") -> bytes:
+    """A browser-like websocket upgrade to the SockJS websocket route."""
+    headers = {"Host": "127.0.0.1", "Upgrade": "websocket", "Connection": "keep-alive, Upgrade",
+               "Sec-WebSocket-Key": key or base64.b64encode(os.urandom(16)).decode(), "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+    if origin:
+        headers["Origin"] = origin
+    lines = [f"{method} {path or f'/live/000/{uuid.uuid4().hex[:8]}/websocket'} {version}"]
+    lines += [f"{name}: {value}" for name, value in headers.items() if name not in drop]
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
+
+
+# ---- what the fast path takes and what it leaves to Tornado (the request's bytes alone) ------------
+
+@pytest.fixture
+def fast_upgrade() -> typing.Iterator[tuple[FastUpgrade, tornado.iostream.IOStream]]:
+    """(FastUpgrade of the real application, a stream to hand it) inside a running IOLoop."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = ProxyServer(parse_config({"topics": ["t"], "kafka": {"bootstrap.servers": "127.0.0.1:9"},
+                                       "cors_origins": ["http://127.0.0.1", "https://allowed.example"]}))
+    ours, theirs = socket.socketpair()
+
+    async def make() -> tuple[FastUpgrade, tornado.iostream.IOStream]:
+        return FastUpgrade(server.make_app(), LiveWebSocketTransport), tornado.iostream.IOStream(ours)
+
+    try:
+        yield loop.run_until_complete(make())
+    finally:
+        theirs.close()
+        ours.close()
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def takes(fast_upgrade, request: bytes) -> bool:
+    upgrade, stream = fast_upgrade
+    return upgrade._handler_for(request, stream, ("127.0.0.1", 40000)) is not None
+
+
+def test_a_browsers_plain_upgrade_is_taken(fast_upgrade):
+    assert fast_upgrade[0].enabled
+    assert takes(fast_upgrade, upgrade_request())
+    assert takes(fast_upgrade, upgrade_request(origin=None))  # a non-browser client
+    assert takes(fast_upgrade, upgrade_request(origin="https://allowed.example"))
+    assert takes(fast_upgrade, upgrade_request(extra="Sec-Fetch-Site: same-origin\r\n", origin="https://x.example"))
+
+
+@pytest.mark.parametrize("request_bytes", [
+    upgrade_request()[:-2],  # not complete yet
+    upgrade_request()[:40],
+    upgrade_request() + b"\x81\x85",  # a frame right behind it
+    upgrade_request().replace(b"\r\nHost", b"\nHost"),  # a bare LF
+    b"\r\n" + upgrade_request(),
+    upgrade_request(method="POST"),
+    upgrade_request(version="HTTP/1.0"),
+    upgrade_request("/live/000/abc/websocket?x=1"),
+    upgrade_request("/live/000/a%62c/websocket"),
+    upgrade_request("/live/000/abc/xhr_streaming"),
+    upgrade_request("/status"),
+    upgrade_request("/live/websocket"),  # the raw websocket endpoint, not routed
+    upgrade_request(drop=("Upgrade",)),
+    upgrade_request(drop=("Connection",)),
+    upgrade_request(drop=("Host",)),
+    upgrade_request(drop=("Sec-WebSocket-Key",)),
+    upgrade_request(drop=("Sec-WebSocket-Version",)),
+    upgrade_request().replace(b"Version: 13", b"Version: 8"),
+    upgrade_request().replace(b"Upgrade: websocket", b"Upgrade: h2c"),
+    upgrade_request(extra="Sec-WebSocket-Protocol: chat\r\n"),
+    upgrade_request(extra="Content-Length: 5\r\n"),
+    upgrade_request(extra="Transfer-Encoding: chunked\r\n"),
+    upgrade_request(extra="Expect: 100-continue\r\n"),
+    upgrade_request(extra="Bad Header Name: x\r\n"),
+    upgrade_request(origin="https://evil.example"),  # Tornado's path answers 403
+    upgrade_request(extra="Sec-Fetch-Site: cross-site\r\n", origin="https://evil.example"),
+], ids=lambda r: r[:60].decode("latin1").replace("\r\n", " | "))
+def test_anything_but_a_plain_complete_upgrade_is_left_to_tornado(fast_upgrade, request_bytes):
+    assert not takes(fast_upgrade, request_bytes)
+
+
+# ---- a real proxy ---------------------------------------------------------------------------------
+
+def fast_upgrades(proxy) -> float:
+    status, text, _ = proxy.get("/metrics")
+    assert status == 200
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith("proxy_websocket_fast_upgrades_total")]
+    return float(values[0])
+
+
+def read_head(sock: socket.socket) -> tuple[list[str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    return head.decode("latin1").split("\r\n"), rest
+
+
+def read_frames(sock: socket.socket, rest: bytes, count: int) -> list[bytes]:
+    """count unmasked websocket frames' payloads."""
+    frames, data = [], rest
+    while len(frames) < count:
+        while True:
+            if len(data) >= 2:
+                length, start = data[1] & 0x7F, 2
+                if length == 126:
+                    length, start = int.from_bytes(data[2:4], "big"), 4
+                elif length == 127:
+                    length, start = int.from_bytes(data[2:10], "big"), 10
+                if len(data) >= start + length:
+                    frames.append(data[start:start + length])
+                    data = data[start + length:]
+                    break
+            chunk = sock.recv(1 << 20)
+            assert chunk, "closed before every frame came"
+            data += chunk
+    return frames
+
+
+def upgrade(port: int, request: bytes) -> tuple[list[str], list[bytes]]:
+    """The 101's lines and the first two frames ("o" and the history), over a raw socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        lines, rest = read_head(sock)
+        return lines, read_frames(sock, rest, 2)
+
+
+def test_the_fast_101_and_frames_are_tornados(broker, start_proxy):
+    """The same request over both paths (a query string sends it Tornado's way): the same headers
+    (but Date's value), a valid accept key, the same "o" and history frames."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic], partitions=1)
+    produce(broker.bootstrap_servers, topic, [{"n": n} for n in range(5)])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    key = base64.b64encode(os.urandom(16)).decode()
+    accept = base64.b64encode(hashlib.sha1(key.encode() + WEBSOCKET_GUID).digest()).decode()
+    wait_until(lambda: len(upgrade(proxy.port, upgrade_request(key=key))[1][1]) > 100, 15,
+               message="the history to be loaded")
+    before = fast_upgrades(proxy)
+    fast_lines, fast_frames = upgrade(proxy.port, upgrade_request("/live/000/fastpath/websocket", key=key))
+    assert fast_upgrades(proxy) == before + 1
+    slow_lines, slow_frames = upgrade(proxy.port, upgrade_request("/live/000/tornado/websocket?path=tornado", key=key))
+    assert fast_upgrades(proxy) == before + 1
+
+    def headers(lines: list[str]) -> dict[str, str]:
+        return {name.lower(): (value.strip() if name.lower() != "date" else "") for name, value in
+                (line.split(":", 1) for line in lines[1:])}
+
+    assert fast_lines[0] == slow_lines[0] == "HTTP/1.1 101 Switching Protocols"
+    assert headers(fast_lines) == headers(slow_lines)
+    assert headers(fast_lines)["sec-websocket-accept"] == accept
+    assert "sec-websocket-extensions" not in headers(fast_lines)  # the deflate offer declined, as Tornado does
+    assert fast_frames == slow_frames and fast_frames[0] == b"o" and b'{\\"n\\": 4}' in fast_frames[1]
+
+
+def status_of(port: int, request: bytes) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return read_head(sock)[0][0].split()[1]
+
+
+def test_refusals_are_tornados_and_count_nothing(broker, start_proxy):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "cors_origins": ["https://allowed.example"]})
+    before = fast_upgrades(proxy)
+    for request, status in ((upgrade_request(origin="https://evil.example"), "403"),
+                            (upgrade_request(origin="http://allowed.example"), "403"),  # another scheme
+                            (upgrade_request().replace(b"Version: 13", b"Version: 8"), "426"),
+                            (upgrade_request(method="POST"), "405")):
+        assert status_of(proxy.port, request) == status
+    assert fast_upgrades(proxy) == before
+
+
+@pytest.mark.parametrize("query", ["", "?path=tornado"])
+def test_a_websocket_from_an_origin_in_cors_origins_is_accepted(broker, start_proxy, query):
+    """Both paths; sockjs-tornado's own check refused every listed origin (it compared hosts with origins)."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "cors_origins": ["https://allowed.example"]})
+    before = fast_upgrades(proxy)
+    path = f"/live/000/{uuid.uuid4().hex[:8]}/websocket{query}"
+    assert status_of(proxy.port, upgrade_request(path, origin="https://allowed.example")) == "101"
+    assert fast_upgrades(proxy) == before + (0 if query else 1)
+
+
+def test_a_fast_upgraded_session_is_a_whole_sockjs_session(broker, start_proxy):
+    """Live messages, a message from the client (an unknown type gets its error), the close: as any."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "kafka": {"fetch.wait.max.ms": 10}})
+    before = fast_upgrades(proxy)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{proxy.port}/live/000/{uuid.uuid4().hex[:8]}/websocket",
+                                     timeout=10)
+    try:
+        assert ws.recv() == "o"
+        assert fast_upgrades(proxy) == before + 1
+        produce(broker.bootstrap_servers, topic, [{"live": 1}])
+        wait_until(lambda: '{\\"live\\": 1}' in ws.recv(), 15, message="the live message")
+        ws.send('["{\\"type\\": \\"no such type\\"}"]')
+        wait_until(lambda: "error" in ws.recv(), 15, message="the answer to the client's message")
+    finally:
+        ws.close()
+    wait_until(lambda: proxy.get("/status")[1]["sessions"] == 0, 15, message="the session to end")
+    assert "Traceback" not in proxy.log()
+
+
+def test_behind_a_trusted_forwarder_every_upgrade_takes_tornados_path(broker, start_proxy):
+    """X-Forwarded-For is read by Tornado's request context only."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "listen": {"trust_forwarded_headers": True}})
+    lines, frames = upgrade(proxy.port, upgrade_request(extra="X-Forwarded-For: 203.0.113.7\r\n"))
+    assert lines[0] == "HTTP/1.1 101 Switching Protocols" and frames[0] == b"o"
+    assert fast_upgrades(proxy) == 0
