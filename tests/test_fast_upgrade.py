@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 import tornado.iostream
+import tornado.websocket
 import websocket
 
 from proxy.app import ProxyServer
@@ -77,6 +78,15 @@ def test_a_browsers_plain_upgrade_is_taken(fast_upgrade):
     assert takes(fast_upgrade, upgrade_request(origin=None))  # a non-browser client
     assert takes(fast_upgrade, upgrade_request(origin="https://allowed.example"))
     assert takes(fast_upgrade, upgrade_request(extra="Sec-Fetch-Site: same-origin\r\n", origin="https://x.example"))
+
+
+def test_without_the_tornado_internals_it_needs_the_fast_path_is_off(fast_upgrade, monkeypatch):
+    """A Tornado release without them: every upgrade goes Tornado's way, none is half taken."""
+    from proxy.live import upgrade as module
+    upgrade, stream = fast_upgrade
+    monkeypatch.setattr(module, "INTERNALS", ((tornado.websocket.WebSocketProtocol13, "_no_such_method"),))
+    off = FastUpgrade(upgrade.app, LiveWebSocketTransport)
+    assert not off.enabled and not off.accept(stream, ("127.0.0.1", 40000))
 
 
 @pytest.mark.parametrize("request_bytes", [

@@ -22,8 +22,10 @@ Everything else is left to Tornado, untouched (peeking consumes nothing): a requ
 yet or followed by more bytes, another route, another method or version, a query string or an
 escaped path, a body, a subprotocol or extension offer Tornado would negotiate, a refused origin
 (Tornado answers 403), a listener that trusts X-Forwarded-For (Tornado's context reads it). If the
-Tornado internals used here (`_check_cross_origin`, `_detach_stream`, `_headers`, the protocol's
-`_receive_frame_loop`) are missing in an upgraded Tornado, the fast path is off.
+Tornado internals used here (`_check_cross_origin`, `_detach_stream`, the protocol's
+`_receive_frame_loop`, `_parse_extensions_header` and `_abort`) are missing in an upgraded Tornado,
+the fast path is off; a handler without `_headers` (the headers its 101 would carry) leaves each
+request to Tornado.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ PEEK_BYTES = 16 * 1024
 # Tornado internals the fast path relies on; without any of them it stays off.
 INTERNALS = ((tornado.web.RequestHandler, "_check_cross_origin"), (tornado.websocket.WebSocketHandler, "_detach_stream"),
              (tornado.websocket.WebSocketProtocol13, "_receive_frame_loop"),
-             (tornado.websocket.WebSocketProtocol13, "_parse_extensions_header"))
+             (tornado.websocket.WebSocketProtocol13, "_parse_extensions_header"),
+             (tornado.websocket.WebSocketProtocol13, "_abort"))
 
 
 class _Context:
@@ -116,10 +119,9 @@ class FastUpgrade:
             peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
         except OSError:  # nothing there yet (BlockingIOError), or the connection is already gone
             return False
-        found = self._handler_for(peeked, stream, address)
-        if found is None:
+        handler = self._handler_for(peeked, stream, address)
+        if handler is None:
             return False
-        handler = found
         try:
             consumed = len(sock.recv(len(peeked)))
         except OSError:
@@ -166,6 +168,8 @@ class FastUpgrade:
         if match is None or rule.target is not self.handler_class:
             return None
         handler = self.handler_class(self.app, request, **self._handler_kwargs)
+        if not isinstance(getattr(handler, "_headers", None), tornado.httputil.HTTPHeaders):
+            return None
         # As RequestHandler._execute passes them on to get(), and get() to open().
         args = [handler.decode_argument(arg) for arg in match["path_args"]]
         kwargs = {name: handler.decode_argument(value, name=name) for name, value in match["path_kwargs"].items()}
