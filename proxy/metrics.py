@@ -27,7 +27,7 @@ SLOW_SESSIONS_DROPPED = Counter(
     registry=REGISTRY)
 FAST_UPGRADES = Counter(
     "proxy_websocket_fast_upgrades_total",
-    "SockJS websocket upgrades accepted at accept time, without Tornado's HTTP machinery (proxy.live.upgrade)",
+    "SockJS websocket upgrades accepted without Tornado's HTTP machinery (proxy.live.upgrade)",
     registry=REGISTRY)
 LIVE_QUEUED_BYTES = Gauge(
     "proxy_live_queued_bytes", "Bytes queued or in flight to SockJS sessions, each shared chunk counted once",

@@ -4,9 +4,10 @@ A burst of screens connecting at once is served one connect after another on the
 spends ~0.6 ms of CPU on each websocket connect (its stream reads the request through futures and
 coroutines, the request gate and router delegates, the handler's coroutine, finish() and its header
 writing, the handshake), several times what the upgrade itself needs (bench/history_burst.py: a
-lean server spends 0.15-0.40 ms). So at accept time `FastUpgrade` peeks at what is already in the
-socket. When that is one complete, plain upgrade to the SockJS websocket route, it is accepted
-here, with Tornado's own pieces and checks in Tornado's order:
+lean server spends 0.15-0.40 ms). So once a new connection's first bytes are in (the listener
+waits for them, proxy.listener.FirstBytes), `FastUpgrade` peeks at what is in the socket. When that
+is one complete, plain upgrade to the SockJS websocket route, it is accepted here, with Tornado's
+own pieces and checks in Tornado's order:
 
 - the request is parsed by Tornado's parsers (the same strictness) and routed by the
   application's own rules (the first rule that matches must be the websocket route's);
