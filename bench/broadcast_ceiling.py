@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import json
 import os
 import signal
@@ -87,7 +85,6 @@ class ReplayHandler(tornado.websocket.WebSocketHandler):
             self.write_message(frame)
 
 
-WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 KEY_HEADER = b"\r\nsec-websocket-key:"
 
 
@@ -114,7 +111,7 @@ class LeanReplay(asyncio.Protocol):
             return
         start += len(KEY_HEADER)
         key = head[start:head.index(b"\r\n", start)].strip()
-        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+        accept = tornado.websocket.WebSocketProtocol13.compute_accept_value(key).encode()
         self.transport.writelines([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n",
                                    *self.frames])
