@@ -118,6 +118,15 @@ class TrackedIOStream(tornado.iostream.IOStream):
                  **kwargs: typing.Any):
         super().__init__(sock, **kwargs)
         self._on_closed = on_closed
+        self._nodelay_set: bool | None = None
+
+    def set_nodelay(self, value: bool) -> None:
+        """Set TCP_NODELAY only when it changes: setting it pushes out what is corked (the fast
+        websocket upgrade's 101, sent with MSG_MORE to leave in one packet with the frames after
+        it, would go alone when the handler's open() sets it again)."""
+        if value != self._nodelay_set:
+            super().set_nodelay(value)
+            self._nodelay_set = value
 
     def close_fd(self) -> None:
         super().close_fd()

@@ -245,3 +245,29 @@ def test_behind_a_trusted_forwarder_every_upgrade_takes_tornados_path(broker, st
     status, _, frames = upgrade(proxy.port, upgrade_request(extra="X-Forwarded-For: 203.0.113.7\r\n"))
     assert status == 101 and frames[0] == b"o"
     assert fast_upgrades(proxy) == 0
+
+
+def test_nodelay_is_set_once_so_the_101_leaves_with_the_first_frames(monkeypatch):
+    """The fast path sets TCP_NODELAY before the 101 (sent with MSG_MORE); the handler's open()
+    sets it again, and setting it pushes out what is corked: the 101 would go in a packet of its
+    own. The listener's streams set it only when it changes."""
+    from proxy.listener import TrackedIOStream
+
+    calls: list[bool] = []
+    monkeypatch.setattr(tornado.iostream.IOStream, "set_nodelay", lambda stream, value: calls.append(value))
+    left, right = socket.socketpair()
+
+    async def main() -> None:
+        stream = TrackedIOStream(left, lambda _: None)
+        stream.set_nodelay(True)
+        stream.set_nodelay(True)
+        stream.set_nodelay(False)
+        stream.set_nodelay(False)
+        stream.set_nodelay(True)
+        stream.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        right.close()
+    assert calls == [True, False, True]

@@ -203,6 +203,9 @@ class FastUpgrade:
         head = "".join(["HTTP/1.1 101 Switching Protocols\r\n",
                         *(f"{name}: {value}\r\n" for name, value in handler._headers.get_all()), "\r\n"])
         stream = protocol.stream = handler._detach_stream()
+        if getattr(handler, "server", None) is not None and handler.server.settings.get("disable_nagle"):
+            # Before the 101, as open() would after it: setting it pushes out what MSG_MORE corks.
+            stream.set_nodelay(True)
         try:
             # MSG_MORE: the 101 leaves with the first SockJS frames open() sends, in one packet.
             send_now(stream, (head.encode("latin1"),), socket.MSG_MORE)
