@@ -189,3 +189,28 @@ def test_views_selecting_the_same_messages_share_one_chunk_counted_once():
     assert hub.held_bytes == len(a[0]), "a session still holds it"
     hub.release(b2)
     assert hub.held_bytes == 0
+
+
+def test_a_frame_in_use_is_shared_across_ticks_and_an_unused_one_is_dropped():
+    """Connects keep getting the histories' frame (one object, not a 421 kB join each) while they
+    come; a frame nobody used since the tick before is let go."""
+    loop = RecordingLoop()
+    hub = hub_on(loop)
+    hub.publish([("t", 1, '{"n":1}')])
+    loop.run_next()
+    history = [hub.history["t"].frame()]
+    live = [b'"live"']
+    first = hub.frame(list(history))
+    assert hub.frame(list(live)) == b'a["live"]'
+    assert hub.frame(list(history)) is first
+    hub._flush_tick()  # both were used since the last tick: both kept
+    assert hub.frame(list(history)) is first
+    bytes_before = hub._frame_bytes
+    hub._flush_tick()  # only the histories' frame was used since
+    assert hub.frame(list(history)) is first
+    assert tuple(map(id, live)) not in hub._frames
+    assert hub._frame_bytes == bytes_before - len(b'a["live"]')
+    hub._flush_tick()
+    hub._flush_tick()  # unused for a whole tick: dropped, built anew when asked for again
+    again = hub.frame(list(history))
+    assert again == first and again is not first

@@ -57,7 +57,9 @@ HARD_LIMIT_FACTOR = 4
 MAX_PENDING_RECORDS = 20_000
 # A flush tick writes sessions for at most this long at a time, then lets the IOLoop serve sockets.
 TICK_SLICE = 0.005
-# Frames kept for sharing between ticks, at most (beyond, and at every tick, the cache starts over).
+# Frames kept for sharing, at most (beyond, the cache starts over). A tick also drops the frames
+# no session used since the tick before: a live tick's frames are not built again, but the
+# histories' frame is, by every connect until the histories change (421 kB joined each time).
 MAX_SHARED_FRAMES = 1000
 MAX_SHARED_FRAME_BYTES = 32 * 1024 * 1024
 # Polling sessions (one HTTP request per answer) are answered at most every poll_interval: at
@@ -103,8 +105,9 @@ class LiveHub:
         self._to_write: list[LiveSession] = []  # sessions the running tick has yet to write
         # Records from Kafka since the last tick, fanned out together at the next one.
         self._pending: list[LiveRecord] = []
-        # Frames built since the last tick, by the ids of their chunks (see frame()).
-        self._frames: dict[tuple[int, ...], tuple[bytes, list[bytes]]] = {}
+        # Frames by the ids of their chunks (see frame()): [frame, chunks, the tick it was last used in].
+        self._frames: dict[tuple[int, ...], list[typing.Any]] = {}
+        self._frame_tick = 0
         # id(frame) -> [frame, its websocket encoding once a websocket session sent it]
         self._encodings: dict[int, list[typing.Any]] = {}
         self._frame_bytes = 0
@@ -317,7 +320,7 @@ class LiveHub:
         except BaseException:
             self._tick_scheduled = False  # whatever happened, the stream goes on at the next tick
             raise
-        self._clear_frames()
+        self._age_frames()
         self._to_write = list(self._dirty)
         self._dirty = set()
         self._tick_cost = time.thread_time() - cpu_started  # the fan-out's; the slices add theirs
@@ -351,9 +354,9 @@ class LiveHub:
             typing.cast(tornado.ioloop.IOLoop, self._io_loop).add_callback(self._write_slice)
 
     def frame(self, chunks: list[bytes]) -> bytes:
-        """The SockJS frame (b'a[...]') of these chunks; sessions writing the same chunks until
-        the next tick (a burst of connects getting the same histories, a tick's in-sync sessions)
-        share one object instead of joining a private copy each."""
+        """The SockJS frame (b'a[...]') of these chunks; sessions writing the same chunks (a burst
+        of connects getting the same histories, a tick's in-sync sessions) share one object
+        instead of joining a private copy each. Kept while in use (see _age_frames)."""
         key = tuple(map(id, chunks))
         entry = self._frames.get(key)
         if entry is None:
@@ -361,9 +364,11 @@ class LiveHub:
             if self._frame_bytes + len(frame) > MAX_SHARED_FRAME_BYTES or len(self._frames) >= MAX_SHARED_FRAMES:
                 self._clear_frames()
             # The entry keeps its chunks alive, so their ids cannot be reused while it is cached.
-            entry = self._frames[key] = (frame, chunks)
+            entry = self._frames[key] = [frame, chunks, self._frame_tick]
             self._encodings[id(frame)] = [frame, None]
             self._frame_bytes += len(frame)
+        else:
+            entry[2] = self._frame_tick
         return entry[0]
 
     def websocket_parts(self, frame: bytes) -> tuple[bytes, ...]:
@@ -375,6 +380,16 @@ class LiveHub:
             cached[1] = transports.websocket_frame(frame)
             self._frame_bytes += len(cached[1][0])
         return cached[1]
+
+    def _age_frames(self) -> None:
+        """At a tick: drop the frames not used since the tick before."""
+        tick = self._frame_tick
+        stale = [key for key, entry in self._frames.items() if entry[2] < tick]
+        for key in stale:
+            frame = self._frames.pop(key)[0]
+            encoding = self._encodings.pop(id(frame))[1]
+            self._frame_bytes -= len(frame) + (len(encoding[0]) if encoding is not None else 0)
+        self._frame_tick = tick + 1
 
     def _clear_frames(self) -> None:
         self._frames.clear()
