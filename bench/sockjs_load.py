@@ -17,7 +17,9 @@ It prints "READY <clients>" once every session is open (with --wait-for-go: at o
 answers commands on stdin with one JSON line each:
 
     GO                 connect now; answers once every history is complete (or 60 s passed):
-                       {"history_ms": [per client], "open": N, "failed": N}
+                       {"history_ms": [per client], "delivered_ms": [per client], "open": N, "failed": N}
+                       (history_ms: until this process read the end of the history; delivered_ms:
+                       until it reached the socket, the kernel's receive time of that read)
     COUNT              {"time", "messages", "histories", "frames", "bytes", "closed", "close_codes",
                         "errors", "reconnects", "per_client"} so far
     UNTIL <n> <secs>   answers COUNT once the clients got n live messages in total (or secs passed)
@@ -77,7 +79,12 @@ class Session:
         self.closed = False
         self.close_code: int | None = None
         self.started = 0.0  # monotonic time the connection was begun
+        self.started_ms = 0.0  # the same moment, CLOCK_REALTIME ms (the kernel's receive timestamps' clock)
         self.history_done: float | None = None
+        # The kernel's receive time (ms) of the read that completed the history: when the server's
+        # last byte of it reached this socket, however late this process got to read it.
+        self.history_delivered: float | None = None
+        self.arrived: float | None = None  # the kernel's receive time of the read being fed
         self.opened = False  # the handshake or the first HTTP answer came back
         self.tail = b""
         self.carry = b""  # unmatched end of the previous read, for TIMESTAMP
@@ -86,10 +93,11 @@ class Session:
 
     def begin(self) -> socket.socket:
         """Open a non-blocking connection; the request goes out once it is writable."""
-        self.started = self.started or time.monotonic()
+        if not self.started:
+            self.started, self.started_ms = time.monotonic(), time.time() * 1000.0
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
-        if self.sampled:  # the kernel stamps when data reached the socket (read with recvmsg)
+        if self.stamped():  # the kernel stamps when data reached the socket (read with recvmsg)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         error = sock.connect_ex(("127.0.0.1", self.port))
         if error not in (0, errno.EINPROGRESS):
@@ -97,6 +105,14 @@ class Session:
             raise ConnectionError(os.strerror(error))
         self.sock = sock
         return sock
+
+    def stamped(self) -> bool:
+        """Whether reads take the kernel's receive timestamp: sampled sessions, and a history being timed."""
+        return self.sampled or (self.expected_histories > 0 and self.history_done is None)
+
+    def history_completed(self) -> None:
+        self.history_done = time.monotonic()
+        self.history_delivered = self.arrived
 
     def request(self) -> bytes:
         raise NotImplementedError
@@ -166,11 +182,14 @@ class WebSocketSession(Session):
 
     def feed(self, data: bytes) -> bool:
         if not self.handshaken:
-            self.head += data
-            if b"\r\n\r\n" not in self.head:
+            # The 101 leaves with the first frames (the whole history, often): not copied around.
+            if self.head:
+                data, self.head = self.head + data, b""
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.head = data
                 return True
-            head, data = self.head.split(b"\r\n\r\n", 1)
-            self.head = b""
+            head, data = data[:end], data[end + 4:]
             if not head.startswith(b"HTTP/1.1 101"):
                 self.errors += 1
                 self.closed = True
@@ -184,7 +203,7 @@ class WebSocketSession(Session):
         # Complete once the frame that carried the last history message has fully arrived.
         if (self.expected_histories and self.history_done is None and self.histories >= self.expected_histories
                 and self.remaining == 0 and not self.header):
-            self.history_done = time.monotonic()
+            self.history_completed()
         return not self.closed
 
     def _walk_frames(self, data: bytes) -> None:
@@ -324,7 +343,7 @@ class HttpSession(Session):
         self.frame_tail = text[-16:]
         if (self.expected_histories and self.history_done is None and self.histories >= self.expected_histories
                 and piece.endswith(b"\n")):
-            self.history_done = time.monotonic()
+            self.history_completed()
 
     def _response_done(self) -> bool:
         """One answer is complete: poll again on the same connection, unless the session closed."""
@@ -419,9 +438,9 @@ class LoadProcess:
                 continue
             arrived = None
             try:
-                if session.sampled:
+                if session.stamped():
                     data, ancillary, _, _ = session.sock.recvmsg(RECV_BYTES, TIMESTAMP_CMSG_SPACE)
-                    arrived = arrival_ms(ancillary)
+                    arrived = session.arrived = arrival_ms(ancillary)
                 else:
                     data = session.sock.recv(RECV_BYTES)
             except (BlockingIOError, InterruptedError):
@@ -522,8 +541,10 @@ def run(args: argparse.Namespace) -> None:
     while True:
         if go_deadline is not None and (load.histories_done() or time.monotonic() > go_deadline):
             go_deadline = None
-            print(json.dumps({"history_ms": [(s.history_done - s.started) * 1000.0 for s in load.sessions
-                                             if s.history_done is not None],
+            done = [s for s in load.sessions if s.history_done is not None]
+            print(json.dumps({"history_ms": [(s.history_done - s.started) * 1000.0 for s in done],
+                              "delivered_ms": [s.history_delivered - s.started_ms for s in done
+                                               if s.history_delivered is not None],
                               "open": sum(s.sock is not None and not s.closed for s in load.sessions),
                               "failed": sum(s.closed for s in load.sessions)}), flush=True)
         if until is not None:

@@ -79,6 +79,10 @@ def test_load_clients_told_to_wait_for_go_connect_only_then(broker, start_proxy)
         load.send("GO")
         answer = json.loads(load.line(30))
         assert len(answer["history_ms"]) == 20 and answer["failed"] == 0
+        # Each history's delivery (the kernel's receive time of the read that completed it) comes
+        # after the connect began and no later than the client read it (clocks: realtime vs monotonic).
+        assert len(answer["delivered_ms"]) == 20
+        assert all(0 < delivered <= read + 5 for delivered, read in zip(answer["delivered_ms"], answer["history_ms"]))
         assert sessions_open(proxy) == 20
     finally:
         load.stop()
