@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(BIN)/kafka-reverse-proxy --demo
 
 # The browser test drives Debian's Chromium, the unit test runs systemd-analyze and the scale-out
-# test puts Debian's nginx in front of three proxies; install them from Debian when they are
-# missing (needs root, as on CI; otherwise say what to install). nginx lives in /usr/sbin.
+# test and benchmark put Debian's nginx in front of three proxies; install them from Debian when
+# they are missing (needs root, as on CI; otherwise say what to install). nginx lives in /usr/sbin.
 system-packages:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
@@ -30,14 +30,14 @@ system-packages:
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 		else \
-			echo "make test needs Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; \
+			echo "make test and make bench need Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; \
 		fi; \
 	fi
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(STAMP) system-packages
 	$(BIN)/python bench/run.py
 
 # 2,000 SockJS sessions on three transports for 60 s of live traffic (about 2 minutes).
