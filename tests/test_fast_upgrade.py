@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import signal
 import socket
 import typing
 import uuid
@@ -183,6 +184,39 @@ def test_the_fast_101_and_frames_are_tornados(broker, start_proxy):
     assert fast_headers["sec-websocket-accept"] == accept
     assert "sec-websocket-extensions" not in fast_headers  # the deflate offer declined, as Tornado does
     assert fast_frames == slow_frames and fast_frames[0] == b"o" and b'{\\"n\\": 4}' in fast_frames[1]
+
+
+def test_requests_already_there_at_accept_are_served_without_waiting_for_them(broker, start_proxy):
+    """A busy proxy accepts connections whose request has arrived already (the clients sent it while
+    it was busy; here while it is stopped): the upgrade goes the fast path, anything else (a plain
+    GET, a request not complete yet) to Tornado, as when the bytes come after the accept."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic], partitions=1)
+    produce(broker.bootstrap_servers, topic, [{"n": n} for n in range(3)])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic]})
+    wait_until(lambda: b'{\\"n\\": 2}' in upgrade(proxy.port, upgrade_request())[2][1], 15,
+               message="the history to be loaded")
+    before = fast_upgrades(proxy)
+    half = upgrade_request()
+    sockets = [socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(3)]
+    try:
+        os.kill(proxy.process.pid, signal.SIGSTOP)
+        try:
+            sockets[0].sendall(upgrade_request())
+            sockets[1].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            sockets[2].sendall(half[:40])
+        finally:
+            os.kill(proxy.process.pid, signal.SIGCONT)
+        status, _, rest = read_response(sockets[0])
+        assert status == 101 and read_frames(sockets[0], rest, 2)[1].count(b'{\\"n\\":') == 3
+        assert read_response(sockets[1])[0] == 200
+        sockets[2].sendall(half[40:])
+        status, _, rest = read_response(sockets[2])
+        assert status == 101 and read_frames(sockets[2], rest, 2)[0] == b"o"
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert fast_upgrades(proxy) == before + 1
 
 
 def status_of(port: int, request: bytes) -> int:
