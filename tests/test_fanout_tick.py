@@ -191,25 +191,28 @@ def test_views_selecting_the_same_messages_share_one_chunk_counted_once():
     assert hub.held_bytes == 0
 
 
-def test_a_frame_in_use_is_shared_across_ticks_and_an_unused_one_is_dropped():
+def test_a_shared_frame_in_use_is_kept_across_ticks_others_are_dropped():
     """Connects keep getting the histories' frame (one object, not a 421 kB join each) while they
-    come; a frame nobody used since the tick before is let go."""
+    come; a frame nobody used since the tick before, or only one write ever used (a reader
+    catching up alone), is let go at the tick."""
     loop = RecordingLoop()
     hub = hub_on(loop)
     hub.publish([("t", 1, '{"n":1}')])
     loop.run_next()
     history = [hub.history["t"].frame()]
-    live = [b'"live"']
+    live, alone = [b'"live"'], [b'"alone"']
     first = hub.frame(list(history))
-    assert hub.frame(list(live)) == b'a["live"]'
+    assert hub.frame(list(live)) == b'a["live"]' and hub.frame(list(live)) == b'a["live"]'
     assert hub.frame(list(history)) is first
-    hub._flush_tick()  # both were used since the last tick: both kept
-    assert hub.frame(list(history)) is first
+    hub.frame(list(alone))
     bytes_before = hub._frame_bytes
+    hub._flush_tick()  # the shared ones were used since the last tick: kept; the lone one is not
+    assert tuple(map(id, alone)) not in hub._frames
+    assert hub._frame_bytes == bytes_before - len(b'a["alone"]')
+    assert hub.frame(list(history)) is first
     hub._flush_tick()  # only the histories' frame was used since
     assert hub.frame(list(history)) is first
     assert tuple(map(id, live)) not in hub._frames
-    assert hub._frame_bytes == bytes_before - len(b'a["live"]')
     hub._flush_tick()
     hub._flush_tick()  # unused for a whole tick: dropped, built anew when asked for again
     again = hub.frame(list(history))

@@ -57,9 +57,10 @@ HARD_LIMIT_FACTOR = 4
 MAX_PENDING_RECORDS = 20_000
 # A flush tick writes sessions for at most this long at a time, then lets the IOLoop serve sockets.
 TICK_SLICE = 0.005
-# Frames kept for sharing, at most (beyond, the cache starts over). A tick also drops the frames
-# no session used since the tick before: a live tick's frames are not built again, but the
-# histories' frame is, by every connect until the histories change (421 kB joined each time).
+# Frames kept for sharing, at most (beyond, the cache starts over). A tick drops the frames no
+# session used since the tick before, and those only one session used (a reader catching up
+# alone, megabytes of them): what stays is what is shared, such as the histories' frame, which
+# every connect would otherwise join again (421 kB each) until the histories change.
 MAX_SHARED_FRAMES = 1000
 MAX_SHARED_FRAME_BYTES = 32 * 1024 * 1024
 # Polling sessions (one HTTP request per answer) are answered at most every poll_interval: at
@@ -105,7 +106,8 @@ class LiveHub:
         self._to_write: list[LiveSession] = []  # sessions the running tick has yet to write
         # Records from Kafka since the last tick, fanned out together at the next one.
         self._pending: list[LiveRecord] = []
-        # Frames by the ids of their chunks (see frame()): [frame, chunks, the tick it was last used in].
+        # Frames by the ids of their chunks (see frame()): [frame, chunks, the tick it was last used
+        # in, whether more than one write used it].
         self._frames: dict[tuple[int, ...], list[typing.Any]] = {}
         self._frame_tick = 0
         # id(frame) -> [frame, its websocket encoding once a websocket session sent it]
@@ -364,11 +366,12 @@ class LiveHub:
             if self._frame_bytes + len(frame) > MAX_SHARED_FRAME_BYTES or len(self._frames) >= MAX_SHARED_FRAMES:
                 self._clear_frames()
             # The entry keeps its chunks alive, so their ids cannot be reused while it is cached.
-            entry = self._frames[key] = [frame, chunks, self._frame_tick]
+            entry = self._frames[key] = [frame, chunks, self._frame_tick, False]
             self._encodings[id(frame)] = [frame, None]
             self._frame_bytes += len(frame)
         else:
             entry[2] = self._frame_tick
+            entry[3] = True
         return entry[0]
 
     def websocket_parts(self, frame: bytes) -> tuple[bytes, ...]:
@@ -382,9 +385,9 @@ class LiveHub:
         return cached[1]
 
     def _age_frames(self) -> None:
-        """At a tick: drop the frames not used since the tick before."""
+        """At a tick: drop the frames not used since the tick before, and those never shared."""
         tick = self._frame_tick
-        stale = [key for key, entry in self._frames.items() if entry[2] < tick]
+        stale = [key for key, entry in self._frames.items() if entry[2] < tick or not entry[3]]
         for key in stale:
             frame = self._frames.pop(key)[0]
             encoding = self._encodings.pop(id(frame))[1]
