@@ -30,7 +30,7 @@ import typing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import backlog_drain, export_scan, fanout, history_burst, idle  # noqa: E402
-from bench.processes import BENCH, REPO  # noqa: E402
+from bench.processes import BENCH, REPO, machine_speed  # noqa: E402
 from proxy.config import default_topic_rules  # noqa: E402
 
 RESULTS = os.path.join(BENCH, "results")
@@ -257,6 +257,8 @@ def main() -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(benchmarks)}")
 
     started = time.monotonic()
+    speed_before = machine_speed()
+    print(f"machine speed: {speed_before:.2f} us per reference operation (lower is faster)", flush=True)
     rows: list[Row] = []
     details: dict[str, typing.Any] = {}
     for name in chosen:
@@ -269,14 +271,18 @@ def main() -> int:
             rows.append(Row(name, "error (see above)", "", None, "ERROR", {}))
         print(f"({name}: {time.monotonic() - began:.0f} s)", flush=True)
 
+    speed_after = machine_speed()
     print_table(rows)
+    print(f"machine speed: {speed_before:.2f} us per reference operation before, {speed_after:.2f} after "
+          f"(bench/processes.py, machine_speed: compare runs by it)")
     os.makedirs(RESULTS, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     path = os.path.join(RESULTS, now.strftime("%Y%m%dT%H%M%SZ") + ".json")
     with open(path, "w") as handle:
         json.dump({"when": now.isoformat(timespec="seconds"), "seconds": round(time.monotonic() - started),
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                               "load_average_at_end": os.getloadavg()},
+                               "load_average_at_end": os.getloadavg(),
+                               "speed_us_per_reference_op": {"before": speed_before, "after": speed_after}},
                    "git": git_state(), "rows": [row._asdict() | {"limit": row.bound or limit(row.cpu)} for row in rows],
                    "details": details},
                   handle, indent=1, default=str)
