@@ -12,12 +12,14 @@ import asyncio
 import base64
 import hashlib
 import os
+import random
 import signal
 import socket
 import typing
 import uuid
 
 import pytest
+import tornado.httputil
 import tornado.iostream
 import tornado.websocket
 import websocket
@@ -25,7 +27,7 @@ import websocket
 from proxy.app import ProxyServer
 from proxy.config import parse_config
 from proxy.live.transports import LiveWebSocketTransport
-from proxy.live.upgrade import FastUpgrade
+from proxy.live.upgrade import FastUpgrade, parse_headers
 from proxy.testing import produce, read_response, unique_topics, wait_until
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -120,6 +122,68 @@ def test_without_the_tornado_internals_it_needs_the_fast_path_is_off(fast_upgrad
 ], ids=lambda r: r[:60].decode("latin1").replace("\r\n", " | "))
 def test_anything_but_a_plain_complete_upgrade_is_left_to_tornado(fast_upgrade, request_bytes):
     assert not takes(fast_upgrade, request_bytes)
+
+
+def tornados_headers(block: str) -> list[tuple[str, str]] | None:
+    try:
+        return list(tornado.httputil.HTTPHeaders.parse("\r\n" + block + "\r\n").get_all())
+    except tornado.httputil.HTTPInputError:
+        return None
+
+
+BROWSER_HEADERS = ("Host: 127.0.0.1:8001\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                   "User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\nAccept-Language: en-US,en;q=0.9\r\n"
+                   "Cookie: a=1; b=\"x y\"\r\nX-Empty:\r\nX-Tabs:\t v \t w\t\r\nX-Obs: caf\xe9\r\n"
+                   "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits")
+
+
+@pytest.mark.parametrize("block", [
+    BROWSER_HEADERS, "Host: a", "host:a", "X-A: 1\r\nx-b: 2", "!#$%&'*+-.^_`|~09az: v",
+    "X:  padded value  ", "X: \x80\xff", "X:", "X: \t", "X: a\x00b", "X: a\x7fb", "X: a\rb", "X\x00: v",
+    " X: folded", "\tX: folded", "X: a\r\n continued", "No colon", ": empty name", "X Y: space in name",
+    "X : space before colon", "X: a\r\nX: b", "X: a\r\nx: b", "X: a\r\n\r\nY: b", "X: \xe9t\xe9",
+])
+def test_headers_are_tornados_or_left_to_it(block):
+    """The fast path's header parsing accepts only what Tornado accepts, into the same headers; a
+    header given twice is left to Tornado (which joins the values)."""
+    ours, theirs = parse_headers(block), tornados_headers(block)
+    if ours is not None:
+        assert theirs is not None and list(ours.get_all()) == theirs
+    # (An empty line cannot be inside a request's head: the first one ends it. Tornado skips it.)
+    lines = block.split("\r\n")
+    names = [line.split(":", 1)[0].lower() for line in lines]
+    if theirs is not None and len(set(names)) == len(names) and all(lines):
+        assert ours is not None, "Tornado accepts it: so must the fast path"
+
+
+def test_headers_random_lines_are_tornados_or_left_to_it():
+    """Random lines over the characters that matter (separators, whitespace, controls, obs-text)."""
+    alphabet = "aZ9-_!~:; \t\x00\x01\x1f\x7f\x80\xe9\xff\r\",="
+    generator = random.Random(10)
+
+    def text(characters: str, longest: int) -> str:
+        return "".join(generator.choice(characters) for _ in range(generator.randint(0, longest)))
+
+    def line() -> str:
+        if generator.random() < 0.2:  # anything
+            return text(alphabet, 12)
+        # name: value, the name mostly a token, the value anything
+        name = text("aZ9-_!~" if generator.random() < 0.8 else alphabet, 6)
+        return f"{name}:{text(alphabet, 10)}"
+
+    accepted = 0
+    for _ in range(3000):
+        lines = [line() for _ in range(generator.randint(1, 3))]
+        block = "\r\n".join(lines)
+        ours, theirs = parse_headers(block), tornados_headers(block)
+        if ours is not None:
+            accepted += 1
+            assert theirs is not None and list(ours.get_all()) == theirs, block
+        elif theirs is not None and all(lines):
+            names = [line.split(":", 1)[0].lower() for line in lines]
+            assert len(set(names)) < len(names), f"Tornado accepts {block!r}, the fast path does not"
+    assert accepted > 100  # the comparison was made often enough to mean something
 
 
 # ---- a real proxy ---------------------------------------------------------------------------------

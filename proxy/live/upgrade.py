@@ -9,8 +9,9 @@ waits for them, proxy.listener.FirstBytes), `FastUpgrade` peeks at what is in th
 is one complete, plain upgrade to the SockJS websocket route, it is accepted here, with Tornado's
 own pieces and checks in Tornado's order:
 
-- the request is parsed by Tornado's parsers (the same strictness) and routed by the
-  application's own rules (the first rule that matches must be the websocket route's);
+- the request line is parsed by Tornado's parser, the headers by `parse_headers` (Tornado's
+  rules in one match per line; what it does not take goes to Tornado), and the request is routed
+  by the application's own rules (the first rule that matches must be the websocket route's);
 - the route's handler is made as Tornado makes it, and the checks of sockjs-tornado's and Tornado's
   websocket handlers are made on it: GET, HTTP/1.1, `Upgrade: websocket`, `Connection: Upgrade`,
   Host and Sec-WebSocket-Key present, version 13, the cross-origin check (`check_origin`);
@@ -21,8 +22,9 @@ own pieces and checks in Tornado's order:
 
 Everything else is left to Tornado, untouched (peeking consumes nothing): a request not complete
 yet or followed by more bytes, another route, another method or version, a query string or an
-escaped path, a body, a subprotocol or extension offer Tornado would negotiate, a refused origin
-(Tornado answers 403), a listener that trusts X-Forwarded-For (Tornado's context reads it). If the
+escaped path, a header given twice, a body, a subprotocol or extension offer Tornado would
+negotiate, a refused origin (Tornado answers 403), a listener that trusts X-Forwarded-For
+(Tornado's context reads it). If the
 Tornado internals used here (`_check_cross_origin`, `_detach_stream`, the protocol's
 `_receive_frame_loop`, `_parse_extensions_header` and `_abort`) are missing in an upgraded Tornado,
 the fast path is off; a handler without `_headers` (the headers its 101 would carry) leaves each
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import sys
 import typing
@@ -55,6 +58,30 @@ INTERNALS = ((tornado.web.RequestHandler, "_check_cross_origin"), (tornado.webso
              (tornado.websocket.WebSocketProtocol13, "_receive_frame_loop"),
              (tornado.websocket.WebSocketProtocol13, "_parse_extensions_header"),
              (tornado.websocket.WebSocketProtocol13, "_abort"))
+
+
+# One header line as Tornado (6.6) accepts it, RFC 9110: a token, a colon, optional whitespace, a
+# field value (visible characters or obs-text, with spaces or tabs only between them), optional
+# whitespace. Tornado parses line by line with several regular expressions and checks per line
+# (~7 us a line; a browser's upgrade has a dozen); this is one match per line, and what it does
+# not match (or a header given twice) goes to Tornado's path, which answers it as it would.
+HEADER_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+                         r"((?:[\x21-\x7e\x80-\xff](?:[\x21-\x7e\x80-\xff \t]*[\x21-\x7e\x80-\xff])?)?)[ \t]*")
+
+
+def parse_headers(lines: str) -> tornado.httputil.HTTPHeaders | None:
+    """The headers of CRLF-separated header lines, equal to tornado.httputil.HTTPHeaders.parse's;
+    None for anything it would refuse and for a header given more than once (Tornado joins those)."""
+    headers = tornado.httputil.HTTPHeaders()
+    for line in lines.split("\r\n"):
+        match = HEADER_LINE.fullmatch(line)
+        if match is None:
+            return None
+        name, value = match.groups()
+        if name in headers:
+            return None
+        headers[name] = value
+    return headers
 
 
 class _Context:
@@ -147,8 +174,10 @@ class FastUpgrade:
         first_end = text.find("\r\n")
         try:
             start_line = tornado.httputil.parse_request_start_line(text[:first_end])
-            headers = tornado.httputil.HTTPHeaders.parse(text[first_end:])
         except tornado.httputil.HTTPInputError:
+            return None
+        headers = parse_headers(text[first_end + 2:-2])
+        if headers is None:
             return None
         if (start_line.method != "GET" or start_line.version != "HTTP/1.1" or "?" in start_line.path
                 or "%" in start_line.path):
