@@ -217,3 +217,62 @@ def test_a_shared_frame_in_use_is_kept_across_ticks_others_are_dropped():
     hub._flush_tick()  # unused for a whole tick: dropped, built anew when asked for again
     again = hub.frame(list(history))
     assert again == first and again is not first
+
+
+class Queue:
+    """A session's queue, as the hub fills it (nothing is written)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def enqueue(self, chunks: list[bytes]) -> None:
+        self.chunks.extend(chunks)
+
+    def add_shared(self, chunk: bytes, size: int) -> int:
+        self.chunks.append(chunk)
+        return size
+
+    def writable(self) -> bool:
+        return False
+
+
+class Joining:
+    """A connection joining the stream."""
+
+    topics = None
+    viewer = None
+
+    def __init__(self) -> None:
+        self.session = Queue()
+
+
+def test_a_connect_gets_every_history_as_one_chunk_made_once_per_change():
+    from proxy.live import fanout
+
+    loop = RecordingLoop()
+    hub = LiveHub(["t", "u"], history_size=10, limits=FanoutLimits(flush_interval=0.01))
+    hub._io_loop = loop  # type: ignore[assignment]
+    hub.load_history({"t": ['{"n":1}'], "u": ['{"m":1}']})
+    first, second = Joining(), Joining()
+    hub.add(first)  # type: ignore[arg-type]
+    hub.add(second)  # type: ignore[arg-type]
+    per_topic = [hub.history["t"].frame(), hub.history["u"].frame()]
+    assert first.session.chunks == [b",".join(per_topic)]
+    assert second.session.chunks[0] is first.session.chunks[0], "made once, shared"
+    hub.publish([("t", 2, '{"n":2}')])
+    loop.run_next()
+    third = Joining()
+    hub.add(third)  # type: ignore[arg-type]
+    assert b'{\\"n\\":2}' in third.session.chunks[0] and b'{\\"n\\":2}' not in first.session.chunks[0]
+    # A subscription to some topics gets theirs, one chunk each.
+    subscriber = Joining()
+    hub._connections.add(subscriber)  # type: ignore[arg-type]
+    hub.subscribe(subscriber, ["u"])  # type: ignore[arg-type]
+    assert subscriber.session.chunks == [hub.history["u"].frame()]
+    # Histories larger than a write's worth stay one chunk per topic.
+    big = LiveHub(["t", "u"], history_size=10, limits=FanoutLimits(flush_interval=0.01))
+    half = '{"x":"' + "y" * (fanout.MAX_FRAME_BYTES // 2) + '"}'
+    big.load_history({"t": [half], "u": [half]})
+    joining = Joining()
+    big.add(joining)  # type: ignore[arg-type]
+    assert joining.session.chunks == [big.history["t"].frame(), big.history["u"].frame()]

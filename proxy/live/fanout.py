@@ -37,7 +37,7 @@ from proxy.live.access import EVERYTHING, LiveAccess, Viewer
 from proxy.live.connection import LiveConnection
 from proxy.live.history import HistoryBuffer
 from proxy.live.merchant_view import MerchantViews
-from proxy.live.session import LiveSession, drop_if_lost
+from proxy.live.session import MAX_FRAME_BYTES, LiveSession, drop_if_lost
 from proxy.live.transports import REPLACEMENTS
 from proxy.live.wire import LiveRecord
 
@@ -109,6 +109,10 @@ class LiveHub:
         # Frames by the ids of their chunks (see frame()): [frame, chunks, the tick it was last used
         # in, whether more than one write used it].
         self._frames: dict[tuple[int, ...], list[typing.Any]] = {}
+        # Every topic's history as one chunk (the histories' chunks comma-joined) and its count of
+        # messages, for the sessions that get them all; made on first use after a change (None),
+        # () when they do not fit one chunk.
+        self._everything: tuple[bytes, int] | tuple[()] | None = None
         self._frame_tick = 0
         # id(frame) -> [frame, its websocket encoding once a websocket session sent it]
         self._encodings: dict[int, list[typing.Any]] = {}
@@ -174,6 +178,7 @@ class LiveHub:
 
     def load_history(self, histories: dict[str, list[str]]) -> None:
         """The initial history is in: fill the buffers and greet sessions that were waiting."""
+        self._everything = None
         for topic, envelopes in histories.items():
             self.history[topic].replace(envelopes)
             metrics.labelled(metrics.HISTORY_SIZE, topic).set(len(self.history[topic]))
@@ -185,7 +190,12 @@ class LiveHub:
 
     def _send_history(self, conn: LiveConnection, topics: typing.Iterable[str]) -> None:
         viewer = conn.viewer or EVERYTHING
-        if viewer.sees_everything or self.views is None:
+        everything = self._everything_chunk() if topics is self.topics and (
+            viewer.sees_everything or self.views is None) else None
+        if everything is not None:
+            # A connect's common case: one chunk to queue, hold and frame instead of one per topic.
+            frames, count = [everything[0]], everything[1]
+        elif viewer.sees_everything or self.views is None:
             # The cached frames themselves: a session holds references, never a copy.
             topics = list(topics)
             frames = [self.history[t].frame() for t in topics]
@@ -197,6 +207,18 @@ class LiveHub:
         if frames:
             conn.session.enqueue(frames)
             metrics.MESSAGES_DELIVERED.inc(count)
+
+    def _everything_chunk(self) -> tuple[bytes, int] | None:
+        """Every topic's history as one chunk and its count of messages, if it fits one: at most a
+        write's worth (MAX_FRAME_BYTES), so that a session's progress through it is still seen
+        write by write (made now if the histories changed since)."""
+        if self._everything is None:
+            frames = [self.history[topic].frame() for topic in self.topics]
+            if frames and sum(map(len, frames)) + len(frames) <= MAX_FRAME_BYTES:
+                self._everything = (b",".join(frames), sum(len(self.history[topic]) for topic in self.topics))
+            else:
+                self._everything = ()
+        return self._everything if self._everything else None
 
     def publish(self, batch: list[LiveRecord]) -> None:
         """Queue a batch from Kafka: the next flush tick appends it to the histories and fans it out,
@@ -217,6 +239,7 @@ class LiveHub:
         for topic, run in itertools.groupby(batch, key=_topic):
             self.history[topic].extend(map(_envelope, run))
             changed.add(topic)
+        self._everything = None
         for topic in changed:
             metrics.labelled(metrics.HISTORY_SIZE, topic).set(len(self.history[topic]))
         owners = self.views.index(batch) if self.views is not None else None
