@@ -125,3 +125,13 @@ def orjson_round_trip(record: bytes) -> dict:
     import orjson
 
     return orjson.loads(orjson.dumps(orjson.loads(record)))
+
+
+def test_connect_cost_times_real_fast_upgrades():
+    """bench/connect_cost.py: connects that the fast upgrade accepts (it fails if one is declined)
+    and read to the end of their histories; one CPU figure per round."""
+    completed = subprocess.run([sys.executable, os.path.join(BENCH, "connect_cost.py"), "--connects", "5",
+                                "--rounds", "2", "--json"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(result["us_per_accept"]) == 2 and all(figure > 0 for figure in result["us_per_accept"])
