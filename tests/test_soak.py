@@ -135,3 +135,16 @@ def test_connect_cost_times_real_fast_upgrades():
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert len(result["us_per_accept"]) == 2 and all(figure > 0 for figure in result["us_per_accept"])
+
+
+def test_burst_limit_names_the_machine_or_the_proxy_and_the_proxys_own_cpu():
+    from bench.run import burst_bound
+
+    result = {"passed": False, "clients": 200, "proxy_cpu_ms_per_client": 0.65, "cpu": {"proxy": 0.85, "clients": 0.98},
+              "lean": {"p99_ms": 107.0, "server_cpu_ms_per_client": 0.27}}
+    bound = burst_bound(result)
+    assert bound.startswith("machine") and "200 x 0.65 ms = 130 ms" in bound and "over the target" in bound
+    result["lean"]["p99_ms"], result["proxy_cpu_ms_per_client"] = 90.0, 0.45
+    bound = burst_bound(result)
+    assert bound.startswith("proxy's CPU per connect") and "= 90 ms" in bound and "within the target" in bound
+    assert burst_bound(dict(result, passed=True)) is None
