@@ -25,26 +25,25 @@ import sys
 import tempfile
 import time
 
-import orjson
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.producer import realistic_values  # noqa: E402
 from proxy.app import ProxyServer  # noqa: E402
 from proxy.config import default_topics, parse_config  # noqa: E402
 from proxy.listener import TrackedIOStream  # noqa: E402
+from proxy.live import wire  # noqa: E402
 from proxy.live.transports import LiveWebSocketTransport  # noqa: E402
 from proxy.live.upgrade import FastUpgrade  # noqa: E402
 
 HISTORY = 100  # envelopes per topic, as the shipped history_size
 
 
-def envelopes(topic: str, count: int) -> list[str]:
-    """buyOffer-like envelopes (~330 B each): 13 topics x 100 are ~430 kB, as the burst's histories."""
-    return [orjson.dumps({"topic": topic, "partition": 0, "offset": n, "timestamp": 1764669600000 + n,
-                          "value": {"amount": 1, "consumer_id": "c-4f1d2a", "http_code": 200, "left_in_stock": 7,
-                                    "merchant_id": "Y2hlYXBlc3QgbWVyY2hhbnQgaWQ", "offer_id": n, "price": 24.99,
-                                    "product_id": 3, "quality": 2, "timestamp": "2026-12-02T10:00:00.000Z",
-                                    "uid": 31004 + n, "prime": False}}).decode() for n in range(count)]
+def envelopes(topic: str, values: list[bytes]) -> list[str]:
+    """The proxy's envelopes of these records in the topic (simulator buyOffers, ~330 B each as
+    envelopes: 13 topics x 100 are ~430 kB, as the burst's histories)."""
+    prefix = wire.envelope_prefix(topic)
+    return [wire.render_envelope(prefix, 0, offset, 1764669600000 + offset, value.decode())
+            for offset, value in enumerate(values)]
 
 
 def upgrade_request(port: int, session: str, key: str) -> bytes:
@@ -59,7 +58,8 @@ async def measure(connects: int, rounds: int, per_topic: int) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="connect-cost-") as data_dir:
         server = ProxyServer(parse_config({"topics": topics, "log_level": "WARNING", "data_dir": data_dir}))
         app = server.make_app()
-        server.hub.load_history({topic: envelopes(topic, per_topic) for topic in topics})
+        values = realistic_values(per_topic, shape="buyOffer")
+        server.hub.load_history({topic: envelopes(topic, values) for topic in topics})
         fast = FastUpgrade(app, LiveWebSocketTransport)
         if not fast.enabled:
             raise RuntimeError("the fast upgrade is off in this Tornado")

@@ -316,23 +316,16 @@ class Profiler:
             print(f"  profile: {self.path}")
 
 
-# A buyOffer record as the producer writes it (~270 B of JSON): the reference operation of
-# machine_speed() decodes it, reads a field and encodes it again, as the proxy's path does.
-REFERENCE_RECORD = json.dumps({
-    "amount": 1, "consumer_id": "c-4f1d2a", "http_code": 200, "left_in_stock": 7,
-    "merchant_id": "Y2hlYXBlc3QgbWVyY2hhbnQgaWQ", "offer_id": 1024, "price": 24.99,
-    "product_id": 3, "quality": 2, "timestamp": "2026-12-02T10:00:00.000Z", "uid": 31004,
-    "prime": False, "shipping_time": {"standard": 5, "prime": 1}}).encode()
-
-
 def machine_speed(repeats: int = 5, operations: int = 20_000) -> float:
-    """CPU µs per reference operation (decode a record, read a field, encode it), the fastest of
-    `repeats` rounds: how fast this machine is at the moment. This shared host's speed varies by
-    up to 2 x from hour to hour, every process's alike; figures from runs at different speeds
-    compare only through it (or through ratios measured in the same run)."""
+    """CPU µs per reference operation (decode a simulator buyOffer record, read a field, encode
+    it), the fastest of `repeats` rounds: how fast this machine is at the moment. This shared
+    host's speed varies by up to 2 x from hour to hour, every process's alike; figures from runs at
+    different speeds compare only through it (or through ratios measured in the same run)."""
     import orjson
 
-    record, best = REFERENCE_RECORD, float("inf")
+    from bench.producer import realistic_values
+
+    record, best = realistic_values(1, shape="buyOffer")[0], float("inf")
     for _ in range(repeats):
         started = time.thread_time()
         for _ in range(operations):
