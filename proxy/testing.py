@@ -92,8 +92,7 @@ class ProxyProcess:
         """fetch_wait_ms: the consumer's fetch.wait.max.ms unless config sets it (None: the proxy's default)."""
         self.port = free_port()
         self.config_path = os.path.join(str(tmp_path), f"config-{self.port}.yaml")
-        settings = {"listen": {"address": "127.0.0.1", "port": self.port},
-                    "data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5}
+        settings = {"data_dir": os.path.join(str(tmp_path), "data"), "topic_refresh_interval": 0.5}
         settings.update(config)
         settings["listen"] = {"address": "127.0.0.1", "port": self.port, **config.get("listen", {})}
         if fetch_wait_ms is not None:

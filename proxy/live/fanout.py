@@ -190,16 +190,16 @@ class LiveHub:
 
     def _send_history(self, conn: LiveConnection, topics: typing.Iterable[str]) -> None:
         viewer = conn.viewer or EVERYTHING
-        everything = self._everything_chunk() if topics is self.topics and (
-            viewer.sees_everything or self.views is None) else None
-        if everything is not None:
-            # A connect's common case: one chunk to queue, hold and frame instead of one per topic.
-            frames, count = [everything[0]], everything[1]
-        elif viewer.sees_everything or self.views is None:
-            # The cached frames themselves: a session holds references, never a copy.
-            topics = list(topics)
-            frames = [self.history[t].frame() for t in topics]
-            count = sum(len(self.history[t]) for t in topics)
+        if viewer.sees_everything or self.views is None:
+            everything = self._everything_chunk() if topics is self.topics else None
+            if everything is not None:
+                # A connect's common case: one chunk to queue, hold and frame instead of one per topic.
+                frames, count = [everything[0]], everything[1]
+            else:
+                # The cached frames themselves: a session holds references, never a copy.
+                topics = list(topics)
+                frames = [self.history[t].frame() for t in topics]
+                count = sum(len(self.history[t]) for t in topics)
         else:
             visible = set(self.visible_topics(viewer))
             cut = [self.views.history_frame(t, viewer.merchant_id or "") for t in topics if t in visible]
