@@ -162,7 +162,7 @@ class ProxyServer:
         self.http_server = ProxyHTTPServer(
             app, xheaders=listen.trust_forwarded_headers, max_connections=connection_cap(listen.max_connections),
             idle_connection_timeout=listen.idle_connection_timeout, body_timeout=listen.body_timeout,
-            max_body_size=listen.max_body_size,
+            max_body_size=listen.max_body_size, defer_accept=listen.defer_accept,
             # The one body a route reads: SockJS messages from xhr-based clients.
             body_limits=[(re.escape(config.live.prefix) + r"/[^/]+/[^/]+/xhr_send", config.live.max_message_bytes)])
         if not listen.trust_forwarded_headers:  # X-Forwarded-For is read by Tornado's path only

@@ -50,6 +50,7 @@ class ListenConfig:
     body_timeout: float = 10.0
     max_body_size: int = 8 * 1024
     backlog: int = 1024
+    defer_accept: int = 1
 
 
 @dataclass
@@ -239,6 +240,8 @@ def _check_values(config: Config, source: str) -> None:
     for key in ("idle_connection_timeout", "body_timeout", "max_body_size", "backlog"):
         if getattr(config.listen, key) <= 0:
             fail(f"listen.{key}", "must be positive")
+    if config.listen.defer_accept < 0:
+        fail("listen.defer_accept", "must be 0 (off) or more")
     if len(set(config.topics)) != len(config.topics):
         fail("topics", "lists a topic twice")
     for i, topic in enumerate(config.topics):

@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 # sockets and wake-up pipes (the live consumer and one client per running export), export files,
 # the epoll descriptor, logs.
 DESCRIPTOR_RESERVE = 256
-# Connections accepted per IOLoop turn, as tornado.netutil does: a flood cannot starve the loop.
-ACCEPT_BATCH = 128
+# Connections accepted per IOLoop turn: a flood cannot starve the loop. Tornado takes 128; with
+# TCP_DEFER_ACCEPT a connection is served at accept (a websocket upgrade and its history: ~0.5 ms),
+# so a burst of screens connecting at once takes turns with the fan-out's ticks and /health.
+ACCEPT_BATCH = 16
 # A connection is not closed for being idle before it had this long to send its request: under a
 # flood of new connections, the oldest idle one would otherwise be one accepted a moment ago
 # whose request (a /health probe, say) is already waiting in its socket.
@@ -108,6 +110,14 @@ class ThrottledLog:
             message += f" ({self._count} times since the last such line)"
         self._logger.warning(message, *args)
         self._last, self._count = now, 0
+
+
+def has_bytes(connection: socket.socket) -> bool:
+    """Whether the client has sent something (not to be waited for: the socket may still block)."""
+    try:
+        return bool(connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing yet (BlockingIOError), or gone already: its stream will see
+        return False
 
 
 class TrackedIOStream(tornado.iostream.IOStream):
@@ -231,8 +241,9 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
     descriptors run out, and per-route body limits checked before the body is read."""
 
     def initialize(self, request_callback: typing.Any, *, max_connections: int, max_body_size: int,  # type: ignore[override]
-                   body_limits: Sequence[tuple[str, int]] = (), **kwargs: typing.Any) -> None:
-        """body_limits: (path regex, bytes) pairs that override max_body_size; first match wins."""
+                   body_limits: Sequence[tuple[str, int]] = (), defer_accept: int = 0, **kwargs: typing.Any) -> None:
+        """body_limits: (path regex, bytes) pairs that override max_body_size; first match wins.
+        defer_accept: seconds the kernel holds a connect until its first bytes (0: not at all)."""
         if kwargs.get("ssl_options") is not None:
             raise ValueError("ProxyHTTPServer serves plain HTTP; terminate TLS in front of it")
         self._body_limits = [(re.compile(pattern), limit) for pattern, limit in body_limits]
@@ -241,6 +252,7 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
         ceiling = max([max_body_size, *(limit for _, limit in self._body_limits)])
         super().initialize(request_callback, max_body_size=ceiling, **kwargs)
         self.max_connections = max_connections
+        self.defer_accept = defer_accept
         self.open_connections = 0
         self._streams: set[TrackedIOStream | FirstBytes] = set()
         # Connections waiting for a request's headers, the longest-waiting first: since when.
@@ -258,6 +270,8 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
     def add_sockets(self, sockets: typing.Iterable[socket.socket]) -> None:
         for sock in sockets:
             accept_loop = AcceptLoop(sock, self._accepted, self._descriptors_exhausted, self._accept_failed)
+            if self.defer_accept and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self.defer_accept)
             self._sockets[sock.fileno()] = sock
             # TCPServer.stop() calls this to stop accepting before it closes the socket.
             self._handlers[sock.fileno()] = accept_loop.stop
@@ -336,8 +350,11 @@ class ProxyHTTPServer(tornado.httpserver.HTTPServer):
         if self.fast_path is None:
             self._serve(connection, address)
             return
-        # At accept, a client's request has nearly never arrived yet (it sends once its connect
-        # completes): the fast path looks when the first bytes are there.
+        # The fast path looks at the request once its first bytes are there: with TCP_DEFER_ACCEPT
+        # nearly always at accept; without, nearly never (a client sends once its connect completes).
+        if self.defer_accept and has_bytes(connection):
+            self._serve(connection, address)
+            return
         waiting = FirstBytes(connection, address, self._first_bytes, self._closed,
                              typing.cast(float, self.conn_params.header_timeout))
         self._streams.add(waiting)

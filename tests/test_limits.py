@@ -253,8 +253,9 @@ def test_a_burst_of_connects_waits_in_the_listen_backlog_not_for_syn_retransmits
         limited_proxy, client_sockets, backlog, completed):
     """Hundreds of screens reconnecting at once (a restart, a failover) while the proxy is busy:
     the kernel completes every handshake and holds it until the proxy accepts. Tornado's default
-    backlog (128) dropped the rest, which waited 1 s for their SYN retransmit."""
-    proxy = limited_proxy({"listen": {"backlog": backlog}} if backlog else {})
+    backlog (128) dropped the rest, which waited 1 s for their SYN retransmit. (Connects that
+    send nothing: without defer_accept, which holds those in the kernel's SYN queue instead.)"""
+    proxy = limited_proxy({"listen": {"backlog": backlog, "defer_accept": 0} if backlog else {"defer_accept": 0}})
     proxy.process.send_signal(signal.SIGSTOP)  # busy: accepting nothing
     try:
         open_idle(proxy.port, 400, client_sockets)
@@ -264,6 +265,24 @@ def test_a_burst_of_connects_waits_in_the_listen_backlog_not_for_syn_retransmits
         proxy.process.send_signal(signal.SIGCONT)
     close_all(client_sockets)
     assert health_within(proxy, 10) == 200
+
+
+def test_connects_that_send_nothing_are_held_by_the_kernel_until_defer_accept_has_passed(
+        limited_proxy, client_sockets):
+    """TCP_DEFER_ACCEPT: a connect is accepted when its first bytes arrive (served at once), one
+    that sends nothing only after defer_accept (then counted, and idle like any other)."""
+    proxy = limited_proxy({"listen": {"defer_accept": 4}})
+    wait_until(lambda: metric(proxy, "proxy_open_connections") == 1, message="only /metrics's own connection open")
+    started = time.monotonic()
+    open_idle(proxy.port, 3, client_sockets)
+    assert handshakes_completed(client_sockets, 2.0) == 3  # the clients see their connects complete
+    for _ in range(3):
+        assert health_within(proxy, 2.0) == 200  # served, while the silent three wait in the kernel
+        assert metric(proxy, "proxy_open_connections") == 1
+    assert time.monotonic() - started < 3.5, "too slow to tell held from accepted"
+    wait_until(lambda: metric(proxy, "proxy_open_connections") == 4, timeout=15,
+               message="the silent connects accepted once defer_accept passed")
+    assert time.monotonic() - started >= 4
 
 
 def test_client_trickling_headers_is_cut_off_at_the_idle_timeout(limited_proxy, client_sockets):
@@ -442,6 +461,7 @@ def test_closing_all_connections_is_not_held_by_a_request_that_never_finishes():
 
 @pytest.mark.parametrize("key, value", [
     ("max_connections", 0), ("backlog", 0), ("idle_connection_timeout", 0), ("body_timeout", -1), ("max_body_size", 0),
+    ("defer_accept", -1), ("defer_accept", 1.5),
     ("max_connections", "many"),
 ])
 def test_bad_listener_limits_are_configuration_errors_naming_the_key(key, value):
