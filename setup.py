@@ -25,6 +25,8 @@ setup(
         "orjson>=3.10",
         "PyYAML>=6.0",
         "prometheus-client>=0.20",
+        # proxy.live.websocket: the websocket frames of fast-upgraded clients (RFC 6455).
+        "wsproto>=1.2,<2",
     ],
     extras_require={
         "test": [

@@ -217,7 +217,8 @@ class ProxyServer:
         """One structured line per request; names the merchant by id, never by token."""
         status = handler.get_status()
         request = handler.request
-        route = type(handler).__name__
+        # The route: the handler's class (a fast-upgraded websocket names the one it stands in for).
+        route = getattr(handler, "access_log_route", None) or type(handler).__name__
         metrics.labelled(metrics.HTTP_REQUESTS, route, str(status)).inc()
         level = logging.INFO if status < 500 else getattr(handler, "server_error_log_level", logging.ERROR)
         if not access_log.isEnabledFor(level):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import random
 import signal
@@ -31,6 +32,7 @@ from proxy.live.upgrade import FastUpgrade, parse_headers
 from proxy.testing import produce, read_response, unique_topics, wait_until
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+ADMIN = "admin-" + "a" * 26
 
 
 def upgrade_request(path: str | None = None, *, method: str = "GET", version: str = "HTTP/1.1",
@@ -71,8 +73,8 @@ def fast_upgrade() -> typing.Iterator[tuple[FastUpgrade, tornado.iostream.IOStre
 
 
 def takes(fast_upgrade, request: bytes) -> bool:
-    upgrade, stream = fast_upgrade
-    return upgrade._handler_for(request, stream, ("127.0.0.1", 40000)) is not None
+    upgrade, _ = fast_upgrade
+    return upgrade._request_for(request, ("127.0.0.1", 40000)) is not None
 
 
 def test_a_browsers_plain_upgrade_is_taken(fast_upgrade):
@@ -125,8 +127,10 @@ def test_anything_but_a_plain_complete_upgrade_is_left_to_tornado(fast_upgrade, 
 
 
 def tornados_headers(block: str) -> list[tuple[str, str]] | None:
+    """Tornado's parse of the header lines, by lower-case name (as parse_headers gives them)."""
     try:
-        return list(tornado.httputil.HTTPHeaders.parse("\r\n" + block + "\r\n").get_all())
+        return [(name.lower(), value)
+                for name, value in tornado.httputil.HTTPHeaders.parse("\r\n" + block + "\r\n").get_all()]
     except tornado.httputil.HTTPInputError:
         return None
 
@@ -149,7 +153,7 @@ def test_headers_are_tornados_or_left_to_it(block):
     header given twice is left to Tornado (which joins the values)."""
     ours, theirs = parse_headers(block), tornados_headers(block)
     if ours is not None:
-        assert theirs is not None and list(ours.get_all()) == theirs
+        assert theirs is not None and list(ours.items()) == theirs
     # (An empty line cannot be inside a request's head: the first one ends it. Tornado skips it.)
     lines = block.split("\r\n")
     names = [line.split(":", 1)[0].lower() for line in lines]
@@ -179,7 +183,7 @@ def test_headers_random_lines_are_tornados_or_left_to_it():
         ours, theirs = parse_headers(block), tornados_headers(block)
         if ours is not None:
             accepted += 1
-            assert theirs is not None and list(ours.get_all()) == theirs, block
+            assert theirs is not None and list(ours.items()) == theirs, block
         elif theirs is not None and all(lines):
             names = [line.split(":", 1)[0].lower() for line in lines]
             assert len(set(names)) < len(names), f"Tornado accepts {block!r}, the fast path does not"
@@ -369,3 +373,152 @@ def test_nodelay_is_set_once_so_the_101_leaves_with_the_first_frames(monkeypatch
     finally:
         right.close()
     assert calls == [True, False, True]
+
+
+# ---- the websocket protocol on both paths -----------------------------------------------------------
+# The fast path's connections speak the websocket protocol without Tornado's (proxy.live.websocket,
+# frames from the client parsed by wsproto): what a client sees must be what Tornado's path shows it.
+
+PATHS = {"fast": "", "tornado": "?path=tornado"}  # a query string sends the upgrade Tornado's way
+
+
+def open_websocket(proxy, path: str, **options: typing.Any) -> websocket.WebSocket:
+    before = fast_upgrades(proxy)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{proxy.port}/live/000/{uuid.uuid4().hex[:8]}/websocket"
+                                     f"{PATHS[path]}", timeout=10, **options)
+    assert ws.recv() == "o"
+    assert fast_upgrades(proxy) == before + (path == "fast")
+    return ws
+
+
+def next_control(ws: websocket.WebSocket, opcode: int) -> bytes:
+    """The payload of the next control frame of this kind (data frames before it are skipped)."""
+    for _ in range(100):
+        got, data = ws.recv_data(control_frame=True)
+        if got == opcode:
+            return data
+    raise AssertionError(f"no frame with opcode {opcode}")
+
+
+def closed_by_server(ws: websocket.WebSocket) -> bool:
+    """Whether the server closed the TCP connection (read to its end)."""
+    ws.sock.settimeout(10)
+    try:
+        while ws.sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.fixture
+def live_proxy(broker, start_proxy):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    produce(broker.bootstrap_servers, topic, [{"n": n} for n in range(3)])
+    return start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {"max_message_bytes": 4096}})
+
+
+def sessions(proxy) -> int:
+    return proxy.get("/status")[1]["sessions"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_ping_is_answered_with_its_payload(live_proxy, path):
+    ws = open_websocket(live_proxy, path)
+    try:
+        ws.ping(b"are you there")
+        assert next_control(ws, websocket.ABNF.OPCODE_PONG) == b"are you there"
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_fragmented_message_is_one_message(live_proxy, path):
+    ws = open_websocket(live_proxy, path)
+    try:
+        text = json.dumps([json.dumps({"type": "no such type", "pad": "é" * 300})])
+        thirds = [text[:100], text[100:400], text[400:]]
+        ws.send_frame(websocket.ABNF.create_frame(thirds[0], websocket.ABNF.OPCODE_TEXT, fin=0))
+        ws.ping(b"between")  # a control frame may come between the fragments
+        ws.send_frame(websocket.ABNF.create_frame(thirds[1], websocket.ABNF.OPCODE_CONT, fin=0))
+        ws.send_frame(websocket.ABNF.create_frame(thirds[2], websocket.ABNF.OPCODE_CONT, fin=1))
+        # The answer to a message of an unknown type (the history comes first).
+        wait_until(lambda: "expected" in ws.recv(), 15, message="the error answer")
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_clients_close_is_echoed_then_the_connection_and_session_end(live_proxy, path):
+    ws = open_websocket(live_proxy, path)
+    wait_until(lambda: sessions(live_proxy) == 1, 15, message="the session")
+    ws.send_close(status=4000, reason=b"bye")
+    assert next_control(ws, websocket.ABNF.OPCODE_CLOSE)[:2] == (4000).to_bytes(2, "big")
+    assert closed_by_server(ws)
+    ws.shutdown()
+    wait_until(lambda: sessions(live_proxy) == 0, 15, message="the session to end")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fragments_over_max_message_bytes_together_close_with_1009(live_proxy, path):
+    ws = open_websocket(live_proxy, path)
+    for opcode, fin in ((websocket.ABNF.OPCODE_TEXT, 0), (websocket.ABNF.OPCODE_CONT, 0), (websocket.ABNF.OPCODE_CONT, 1)):
+        try:
+            ws.send_frame(websocket.ABNF.create_frame("x" * 2000, opcode, fin=fin))
+        except (BrokenPipeError, ConnectionResetError):
+            break  # the third may find the connection closed already
+    assert next_control(ws, websocket.ABNF.OPCODE_CLOSE)[:2] == (1009).to_bytes(2, "big")
+    assert closed_by_server(ws)
+    ws.shutdown()
+    wait_until(lambda: sessions(live_proxy) == 0, 15, message="the session to end")
+
+
+def raw_frame(first_byte: int, payload: bytes, mask: bool = True) -> bytes:
+    """One client frame with a payload under 126 bytes, masked or (against RFC 6455) not."""
+    if not mask:
+        return bytes([first_byte, len(payload)]) + payload
+    key = os.urandom(4)
+    return bytes([first_byte, 0x80 | len(payload)]) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("violation, code", [
+    (raw_frame(0x81, b'["{}"]', mask=False), 1002),  # not masked
+    (raw_frame(0xC1, b'["{}"]'), 1002),  # a reserved bit (no extension was agreed)
+    (raw_frame(0x81, b'["\xff\xfe"]'), 1007),  # text that is not UTF-8
+    (raw_frame(0x09, b"x" * 2), 1002),  # a ping that is not final (control frames cannot be fragmented)
+    (raw_frame(0x80, b"x"), 1002),  # a continuation of nothing
+], ids=["unmasked", "reserved-bit", "invalid-utf8", "fragmented-ping", "lone-continuation"])
+def test_a_frame_that_breaks_the_protocol_fails_the_connection(live_proxy, violation, code):
+    """RFC 6455's "fail the connection": a close with the reason's code, then the connection closed
+    (Tornado's path closes it without a close frame); the session ends, nothing else happens."""
+    ws = open_websocket(live_proxy, "fast")
+    wait_until(lambda: sessions(live_proxy) == 1, 15, message="the session")
+    ws.sock.sendall(violation)
+    assert next_control(ws, websocket.ABNF.OPCODE_CLOSE)[:2] == code.to_bytes(2, "big")
+    assert closed_by_server(ws)
+    ws.shutdown()
+    wait_until(lambda: sessions(live_proxy) == 0, 15, message="the session to end")
+    assert "Traceback" not in live_proxy.log()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_session_the_proxy_ends_closes_the_websocket_after_its_close_frame(broker, start_proxy, path):
+    """The SockJS close frame, then the websocket's close; the client's answer ends the connection."""
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {"access": "token", "auth_timeout": 1,
+                                                                               "admin_tokens": ["${ADMIN}"]}},
+                        env={"ADMIN": ADMIN})
+    ws = open_websocket(proxy, path)
+    # Silence: an error, then the session is closed after auth_timeout.
+    assert wait_until(lambda: ws.recv().startswith("c[3401,"), 15, message="the SockJS close frame")
+    assert next_control(ws, websocket.ABNF.OPCODE_CLOSE) == b""  # sockjs-tornado closes without a code
+    ws.send_close()
+    assert closed_by_server(ws)
+    ws.shutdown()
+    wait_until(lambda: sessions_with_token(proxy) == 0, 15, message="the session to end")
+
+
+def sessions_with_token(proxy) -> int:
+    return proxy.get("/status", {"Authorization": f"Token {ADMIN}"})[1]["sessions"]

@@ -64,6 +64,24 @@ def send_now(stream: tornado.iostream.IOStream, parts: tuple[bytes, ...], flags:
     return future
 
 
+def sockjs_messages(message: str | bytes) -> list[typing.Any] | tuple[typing.Any] | None:
+    """The messages of a SockJS frame from a websocket client (a JSON array of them, or one);
+    None when it is not JSON."""
+    try:
+        decoded = proto.json_decode(bytes_to_str(message))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded if isinstance(decoded, list) else (decoded,)
+
+
+def origin_allowed(settings: dict[str, typing.Any], origin: str) -> bool:
+    """Whether a websocket from a cross-origin page may open: `cors_origins` lists its origin
+    (sockjs-tornado compared that list with the Origin's host alone, "allowed.example" against
+    "https://allowed.example": a listed origin was refused its websocket, 403)."""
+    allowed = settings.get("websocket_allow_origin", "*")
+    return allowed == "*" or origin in allowed
+
+
 def websocket_frame(payload: bytes) -> tuple[bytes, ...]:
     """payload as one unmasked websocket text frame, as the buffers to send.
 
@@ -150,11 +168,8 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
             self.on_close()
 
     def check_origin(self, origin: str) -> bool:
-        """A cross-origin websocket from an origin in `cors_origins`, as the HTTP API allows one.
-        sockjs-tornado compared that list with the Origin's host alone ("allowed.example" against
-        "https://allowed.example"): a listed origin was refused its websocket (403)."""
-        allowed = self.server.settings.get("websocket_allow_origin", "*")
-        return allowed == "*" or origin in allowed
+        """A cross-origin websocket from an origin in `cors_origins`, as the HTTP API allows one."""
+        return origin_allowed(self.server.settings, origin)
 
     def connection_lost(self) -> bool:
         connection = self.ws_connection
@@ -167,13 +182,12 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
         # SockJS requires that empty messages be ignored.
         if not message or not self.session:
             return
-        try:
-            decoded = proto.json_decode(bytes_to_str(message))
-        except (ValueError, UnicodeDecodeError):
+        messages = sockjs_messages(message)
+        if messages is None:
             log.info("closing websocket from %s: not a SockJS message", self.request.remote_ip)
             self.close(1002, "malformed SockJS message")
             return
-        self.session.on_messages(decoded if isinstance(decoded, list) else (decoded,))
+        self.session.on_messages(messages)
 
     def send_pack(self, message: str, binary: bool = False) -> None:
         """sockjs-tornado's own frames (open, heartbeat, close): straight to the socket too."""

@@ -1,52 +1,53 @@
-"""The SockJS websocket upgrade, accepted without Tornado's HTTP machinery when it is the plain one.
+"""The SockJS websocket upgrade, accepted without Tornado's HTTP and websocket machinery when it is the plain one.
 
 A burst of screens connecting at once is served one connect after another on the IOLoop. Tornado
 spends ~0.6 ms of CPU on each websocket connect (its stream reads the request through futures and
-coroutines, the request gate and router delegates, the handler's coroutine, finish() and its header
-writing, the handshake), several times what the upgrade itself needs (bench/history_burst.py: a
-lean server spends 0.15-0.40 ms). So once a new connection's first bytes are in (the listener
-waits for them, proxy.listener.FirstBytes), `FastUpgrade` peeks at what is in the socket. When that
-is one complete, plain upgrade to the SockJS websocket route, it is accepted here, with Tornado's
-own pieces and checks in Tornado's order:
+coroutines, the request gate and router delegates, the request and handler objects, finish() and
+its header writing, the handshake, the websocket protocol and its frame-reading coroutine), several
+times what the upgrade itself needs (bench/history_burst.py: a lean server spends 0.25-0.40 ms,
+the kernel's copy of the history included). So once a new connection's first bytes are in,
+`FastUpgrade` peeks at what is in the socket. When that is one complete, plain upgrade to the
+SockJS websocket route, it is accepted here, with Tornado's rules in Tornado's order:
 
 - the request line is parsed by Tornado's parser, the headers by `parse_headers` (Tornado's
-  rules in one match per line; what it does not take goes to Tornado), and the request is routed
-  by the application's own rules (the first rule that matches must be the websocket route's);
-- the route's handler is made as Tornado makes it, and the checks of sockjs-tornado's and Tornado's
-  websocket handlers are made on it: GET, HTTP/1.1, `Upgrade: websocket`, `Connection: Upgrade`,
-  Host and Sec-WebSocket-Key present, version 13, the cross-origin check (`check_origin`);
-- the 101 carries the handler's own headers, the request is logged and counted as Tornado's
-  finish() would, and the connection goes to Tornado's websocket protocol: its frame reader
-  (message size limit, control frames, close handshake), then the handler's open() (the SockJS
-  session, the history), as after Tornado's own handshake.
+  rules in one match per line; what it does not take goes to Tornado), the Host header checked
+  as Tornado checks it, and the path routed by the application's own rules (the first rule that
+  matches must be the websocket route's);
+- the checks of sockjs-tornado's and Tornado's websocket handlers: GET, HTTP/1.1,
+  `Upgrade: websocket`, `Connection: Upgrade`, Host and Sec-WebSocket-Key present, version 13,
+  Tornado's own cross-origin check (`_check_cross_origin`, with the route's `check_origin`), the
+  extension offer parsed by Tornado's parser (and declined, as the route does);
+- the 101 carries the headers Tornado's would (Server, Date, Upgrade, Connection,
+  Sec-WebSocket-Accept), the request is logged and counted as Tornado's finish() would, and the
+  connection becomes a `proxy.live.websocket.SockJSWebSocket`: the SockJS session, the history,
+  the client's frames, as LiveWebSocketTransport after Tornado's own handshake.
 
 Everything else is left to Tornado, untouched (peeking consumes nothing): a request not complete
-yet or followed by more bytes, another route, another method or version, a query string or an
-escaped path, a header given twice, a body, a subprotocol or extension offer Tornado would
-negotiate, a refused origin (Tornado answers 403), a listener that trusts X-Forwarded-For
-(Tornado's context reads it). If the
-Tornado internals used here (`_check_cross_origin`, `_detach_stream`, the protocol's
-`_receive_frame_loop`, `_parse_extensions_header` and `_abort`) are missing in an upgraded Tornado,
-the fast path is off; a handler without `_headers` (the headers its 101 would carry) leaves each
-request to Tornado.
+yet or followed by more bytes, another route, another method or version, a query string, an
+escaped or non-ASCII path, a header given twice, an invalid Host, a body, a subprotocol offer, a
+refused origin (Tornado answers 403), a listener that trusts X-Forwarded-For (Tornado's request
+context reads it). If the Tornado internals used here (INTERNALS) are missing in an upgraded
+Tornado, or the application's routes are not what the fast path can read, the fast path is off.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import socket
-import sys
+import time
 import typing
 
+import tornado
 import tornado.httputil
 import tornado.iostream
+import tornado.routing
 import tornado.web
 import tornado.websocket
 
-from proxy import metrics
-from proxy.live.transports import send_now
+from proxy import httpdate, metrics
+from proxy.live.transports import origin_allowed, send_now
+from proxy.live.websocket import Headers, SockJSWebSocket, UpgradeRequest
 
 log = logging.getLogger("proxy.live")
 
@@ -54,10 +55,14 @@ log = logging.getLogger("proxy.live")
 # Tornado's path (which allows up to max_header_size).
 PEEK_BYTES = 16 * 1024
 # Tornado internals the fast path relies on; without any of them it stays off.
-INTERNALS = ((tornado.web.RequestHandler, "_check_cross_origin"), (tornado.websocket.WebSocketHandler, "_detach_stream"),
-             (tornado.websocket.WebSocketProtocol13, "_receive_frame_loop"),
-             (tornado.websocket.WebSocketProtocol13, "_parse_extensions_header"),
-             (tornado.websocket.WebSocketProtocol13, "_abort"))
+INTERNALS = ((tornado.web.RequestHandler, "_check_cross_origin"), (tornado.web.RequestHandler, "_origin_matches_host"),
+             (tornado.websocket.WebSocketProtocol13, "_parse_extensions_header"), (tornado.httputil, "_ABNF"))
+# What Tornado's websocket handlers allow when websocket_max_message_size is not set (10 MiB).
+TORNADO_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
+# Headers the fast path leaves to Tornado: a subprotocol to negotiate, a body.
+UNNEGOTIATED = frozenset({"sec-websocket-protocol", "content-length", "transfer-encoding", "expect"})
+# The request line the fast path takes: GET, an ASCII path without a query or escapes, HTTP/1.1.
+REQUEST_LINE = re.compile(r"GET (/[!-~]*) HTTP/1\.1")
 
 
 # One header line as Tornado (6.6) accepts it, RFC 9110: a token, a colon, optional whitespace, a
@@ -69,75 +74,64 @@ HEADER_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
                          r"((?:[\x21-\x7e\x80-\xff](?:[\x21-\x7e\x80-\xff \t]*[\x21-\x7e\x80-\xff])?)?)[ \t]*")
 
 
-def parse_headers(lines: str) -> tornado.httputil.HTTPHeaders | None:
-    """The headers of CRLF-separated header lines, equal to tornado.httputil.HTTPHeaders.parse's;
-    None for anything it would refuse and for a header given more than once (Tornado joins those)."""
-    headers = tornado.httputil.HTTPHeaders()
+def parse_headers(lines: str) -> Headers | None:
+    """The headers of CRLF-separated header lines, as tornado.httputil.HTTPHeaders.parse's (by
+    lower-case name); None for anything it would refuse and for a header given more than once
+    (Tornado joins those)."""
+    headers = Headers()
     for line in lines.split("\r\n"):
         match = HEADER_LINE.fullmatch(line)
         if match is None:
             return None
         name, value = match.groups()
-        if name in headers:
+        name = name.lower()
+        if dict.__contains__(headers, name):
             return None
-        headers[name] = value
+        dict.__setitem__(headers, name, value)
     return headers
 
 
-class _Context:
-    """What an HTTPServerRequest reads from its connection's context (tornado.httpserver's, without
-    the X-Forwarded-For handling: the fast path is off when that is trusted)."""
-
-    protocol = "http"
-
-    def __init__(self, address: typing.Any):
-        self.address = address
-        self.remote_ip = address[0] if isinstance(address, tuple) and address else "0.0.0.0"
-
-    def __str__(self) -> str:
-        return self.remote_ip
 
 
-class _UpgradedConnection(tornado.httputil.HTTPConnection):
-    """The request's connection: the handler detaches the stream from it at once, as it does from
-    Tornado's HTTP1Connection after the 101."""
+class _OriginCheck:
+    """What Tornado's cross-origin check reads of a handler: its request's headers."""
 
-    def __init__(self, stream: tornado.iostream.IOStream, address: typing.Any):
-        self.stream = stream
-        self.context = _Context(address)
+    _check_cross_origin = getattr(tornado.web.RequestHandler, "_check_cross_origin", None)
+    _origin_matches_host = getattr(tornado.web.RequestHandler, "_origin_matches_host", None)
 
-    def set_close_callback(self, callback: typing.Any) -> None:
-        """Not needed: the stream is detached before the IOLoop runs anything else, and from then
-        on the websocket's frame reader notices a close (as after Tornado's own handshake)."""
-
-    def detach(self) -> tornado.iostream.IOStream:
-        return self.stream
+    def __init__(self, request: UpgradeRequest, check_origin: typing.Callable[[str], bool]):
+        self.request = request
+        self.check_origin = check_origin
 
 
 class FastUpgrade:
     """accept(stream, address): True when the connection's plain websocket upgrade was accepted here."""
 
     def __init__(self, app: tornado.web.Application, transport: type[tornado.websocket.WebSocketHandler]):
-        """transport: the websocket route's handler class (or a base of it); no such route, no fast path."""
+        """transport: the websocket route's handler class; no such route, no fast path."""
         self.app = app
-        self.handler_class: typing.Any = None
+        self.router: typing.Any = None
         self._rules: list[typing.Any] = []  # the application's rules, up to the websocket route's
-        self._handler_kwargs: dict[str, typing.Any] = {}
         for rule in app.wildcard_router.rules:
             self._rules.append(rule)
-            if isinstance(rule.target, type) and issubclass(rule.target, transport):
-                self.handler_class, self._handler_kwargs = rule.target, rule.target_kwargs
+            if rule.target is transport:
+                self.router = rule.target_kwargs.get("server")
                 break
-        self._readers: set[asyncio.Future] = set()
-        self.enabled = self.handler_class is not None
-        if not self.enabled:
-            return
-        # Tornado internals as expected; no host-specific rules (Application.add_handlers) before
-        # the wildcard ones; no prepare() of the handler's own (it would run before the upgrade).
-        self.enabled = (all(hasattr(owner, name) for owner, name in INTERNALS) and len(app.default_router.rules) == 1
-                        and self.handler_class.prepare is tornado.web.RequestHandler.prepare)
+        self.enabled = (
+            self.router is not None and all(hasattr(owner, name) for owner, name in INTERNALS)
+            # Routes read as Tornado reads them: paths only, no host-specific rules
+            # (Application.add_handlers) before the wildcard ones.
+            and all(type(rule.matcher) is tornado.routing.PathMatches for rule in self._rules)
+            and len(app.default_router.rules) == 1
+            # No prepare() of the handler's own (it would run before the upgrade); the access log.
+            and transport.prepare is tornado.web.RequestHandler.prepare and "log_function" in app.settings)
         if not self.enabled:
             log.info("websocket upgrades take Tornado's path only (the fast path's assumptions do not hold)")
+            return
+        self._transport = transport
+        self._max_message_size = app.settings.get("websocket_max_message_size", TORNADO_MAX_MESSAGE_SIZE)
+        self._nodelay = bool(self.router.settings.get("disable_nagle"))
+        self._server_header = f"Server: TornadoServer/{tornado.version}\r\n"
 
     def accept(self, stream: tornado.iostream.IOStream, address: typing.Any) -> bool:
         if not self.enabled:
@@ -147,8 +141,8 @@ class FastUpgrade:
             peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
         except OSError:  # nothing there yet (BlockingIOError), or the connection is already gone
             return False
-        handler = self._handler_for(peeked, stream, address)
-        if handler is None:
+        taken = self._request_for(peeked, address)
+        if taken is None:
             return False
         try:
             consumed = len(sock.recv(len(peeked)))
@@ -158,12 +152,12 @@ class FastUpgrade:
             stream.close()
             return True
         metrics.FAST_UPGRADES.inc()
-        self._upgrade(handler)
+        self._upgrade(stream, *taken)
         return True
 
-    def _handler_for(self, peeked: bytes, stream: tornado.iostream.IOStream,
-                     address: typing.Any) -> tornado.websocket.WebSocketHandler | None:
-        """The route's handler, made and checked, when peeked is a plain upgrade to it; else None."""
+    def _request_for(self, peeked: bytes, address: typing.Any) -> tuple[UpgradeRequest, tuple[str, ...]] | None:
+        """(the request, the route's path arguments) when peeked is a plain upgrade to the
+        websocket route that Tornado's path would accept; else None."""
         end = peeked.find(b"\r\n\r\n")
         if end <= 0 or end + 4 != len(peeked):
             return None
@@ -172,96 +166,63 @@ class FastUpgrade:
             return None  # a bare LF: Tornado may end the head, or a line, elsewhere
         text = head.decode("latin1")
         first_end = text.find("\r\n")
-        try:
-            start_line = tornado.httputil.parse_request_start_line(text[:first_end])
-        except tornado.httputil.HTTPInputError:
+        start_line = REQUEST_LINE.fullmatch(text, 0, first_end)
+        if start_line is None or "?" in start_line[1] or "%" in start_line[1]:
             return None
         headers = parse_headers(text[first_end + 2:-2])
         if headers is None:
             return None
-        if (start_line.method != "GET" or start_line.version != "HTTP/1.1" or "?" in start_line.path
-                or "%" in start_line.path):
+        get = dict.get  # the names are lower-case: Headers.get would lower them again
+        host = get(headers, "host")
+        if (not host or "," in host or not tornado.httputil._ABNF.host.fullmatch(host)
+                or get(headers, "upgrade", "").lower() != "websocket"
+                or "upgrade" not in (token.strip().lower() for token in get(headers, "connection", "").split(","))
+                or get(headers, "sec-websocket-version") != "13" or not get(headers, "sec-websocket-key")
+                or not UNNEGOTIATED.isdisjoint(headers)):
             return None
-        if (headers.get("Upgrade", "").lower() != "websocket"
-                or "upgrade" not in (token.strip().lower() for token in headers.get("Connection", "").split(","))
-                or headers.get("Sec-WebSocket-Version") != "13" or not headers.get("Host")
-                or not headers.get("Sec-WebSocket-Key") or "Sec-WebSocket-Protocol" in headers
-                or "Content-Length" in headers or "Transfer-Encoding" in headers or "Expect" in headers):
-            return None
-        request = tornado.httputil.HTTPServerRequest(
-            headers=headers, connection=_UpgradedConnection(stream, address), start_line=start_line)
-        match = None
+        path = start_line[1]
         for rule in self._rules:
-            match = rule.matcher.match(request)
+            match = rule.matcher.regex.match(path)
             if match is not None:
                 break
-        if match is None or rule.target is not self.handler_class:
+        if match is None or rule.target is not self._transport:
             return None
-        handler = self.handler_class(self.app, request, **self._handler_kwargs)
-        if not isinstance(getattr(handler, "_headers", None), tornado.httputil.HTTPHeaders):
-            return None
-        # As RequestHandler._execute passes them on to get(), and get() to open().
-        args = [handler.decode_argument(arg) for arg in match["path_args"]]
-        kwargs = {name: handler.decode_argument(value, name=name) for name, value in match["path_kwargs"].items()}
-        if handler._check_cross_origin(handler.check_origin) is not None:
+        args = match.groups()
+        if None in args:
+            return None  # an optional group Tornado would pass as None
+        request = UpgradeRequest(path, headers, address[0] if isinstance(address, tuple) and address else "0.0.0.0")
+        if _OriginCheck(request, self._check_origin)._check_cross_origin(self._check_origin) is not None:
             return None  # Tornado's path answers 403
-        protocol = handler.get_websocket_protocol()
-        if protocol is None:
-            return None
-        if "Sec-WebSocket-Extensions" in headers:
-            if protocol.params.compression_options is not None:
-                return None  # Tornado would negotiate permessage-deflate
-            try:
-                protocol._parse_extensions_header(headers)  # Tornado parses (and drops) the offer
+        if dict.__contains__(headers, "sec-websocket-extensions"):
+            try:  # Tornado parses the offer (and declines it: the route asks for no compression)
+                tornado.websocket.WebSocketProtocol13._parse_extensions_header(typing.cast(typing.Any, None), headers)
             except ValueError:
                 return None
-        handler.ws_connection = protocol
-        handler.path_args, handler.path_kwargs = args, kwargs
-        return handler
+        return request, args
 
-    def _upgrade(self, handler: tornado.websocket.WebSocketHandler) -> None:
-        """What WebSocketProtocol13._accept_connection does after the checks, for a plain upgrade."""
-        protocol = typing.cast(tornado.websocket.WebSocketProtocol13, handler.ws_connection)
-        protocol.selected_subprotocol = None
-        handler.clear_header("Content-Type")
-        handler.set_status(101)
-        handler.set_header("Upgrade", "websocket")
-        handler.set_header("Connection", "Upgrade")
-        handler.set_header("Sec-WebSocket-Accept",
-                           protocol.compute_accept_value(typing.cast(str, handler.request.headers["Sec-WebSocket-Key"])))
-        head = "".join(["HTTP/1.1 101 Switching Protocols\r\n",
-                        *(f"{name}: {value}\r\n" for name, value in handler._headers.get_all()), "\r\n"])
-        stream = protocol.stream = handler._detach_stream()
-        if getattr(handler, "server", None) is not None and handler.server.settings.get("disable_nagle"):
+    def _check_origin(self, origin: str) -> bool:
+        """The route's check_origin (LiveWebSocketTransport's)."""
+        return origin_allowed(self.router.settings, origin)
+
+    def _upgrade(self, stream: tornado.iostream.IOStream, request: UpgradeRequest, args: tuple[str, ...]) -> None:
+        """The 101, then the SockJS session over the stream."""
+        accept = tornado.websocket.WebSocketProtocol13.compute_accept_value(dict.__getitem__(request.headers,
+                                                                                           "sec-websocket-key"))
+        head = (f"HTTP/1.1 101 Switching Protocols\r\n{self._server_header}"
+                f"Date: {httpdate.format_timestamp(time.time())}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\n\r\n")
+        if self._nodelay:
             # Before the 101, as open() would after it: setting it pushes out what MSG_MORE corks.
             stream.set_nodelay(True)
         try:
             # MSG_MORE: the 101 leaves with the first SockJS frames open() sends, in one packet.
             send_now(stream, (head.encode("latin1"),), socket.MSG_MORE)
         except tornado.iostream.StreamClosedError:
-            pass  # the frame reader below finds the stream closed and ends the handler
-        self.app.log_request(handler)
-        protocol.start_pinging()
-        handler.open_args, handler.open_kwargs = tuple(handler.path_args), handler.path_kwargs
+            pass  # open() finds the stream closed and ends the session
+        websocket = SockJSWebSocket(self.router, stream, request, self._max_message_size)
+        self.app.log_request(typing.cast(typing.Any, websocket))
         try:
-            opened = handler.open(*handler.open_args, **handler.open_kwargs)
+            websocket.open(*args)
         except Exception:
-            handler.log_exception(*sys.exc_info())
-            protocol._abort()
-            return
-        reader = asyncio.ensure_future(self._read(handler, protocol, opened))
-        self._readers.add(reader)  # the event loop keeps only a weak reference to a task
-        reader.add_done_callback(self._readers.discard)
-
-    @staticmethod
-    async def _read(handler: tornado.websocket.WebSocketHandler, protocol: tornado.websocket.WebSocketProtocol13,
-                    opened: typing.Awaitable[None] | None) -> None:
-        """The rest of Tornado's _accept_connection: an open() that is a coroutine, then the frames."""
-        if opened is not None:
-            try:
-                await opened
-            except Exception:
-                handler.log_exception(*sys.exc_info())
-                protocol._abort()
-                return
-        await protocol._receive_frame_loop()
+            log.exception("websocket from %s: opening its session failed", request.remote_ip)
+            websocket.end()
