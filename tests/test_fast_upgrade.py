@@ -110,6 +110,9 @@ def test_without_the_tornado_internals_it_needs_the_fast_path_is_off(fast_upgrad
     upgrade_request(drop=("Upgrade",)),
     upgrade_request(drop=("Connection",)),
     upgrade_request(drop=("Host",)),
+    upgrade_request().replace(b"Host: 127.0.0.1", b"Host: a b"),  # Tornado answers 400
+    upgrade_request().replace(b"Host: 127.0.0.1", b"Host: a,b"),
+    upgrade_request("/live/000/caf\xe9/websocket"),  # not ASCII
     upgrade_request(drop=("Sec-WebSocket-Key",)),
     upgrade_request(drop=("Sec-WebSocket-Version",)),
     upgrade_request().replace(b"Version: 13", b"Version: 8"),
@@ -298,12 +301,14 @@ def test_refusals_are_tornados_and_count_nothing(broker, start_proxy):
     broker.create_topics([topic])
     proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "cors_origins": ["https://allowed.example"]})
     before = fast_upgrades(proxy)
-    for request, status in ((upgrade_request(origin="https://evil.example"), 403),
+    for request, status in ((upgrade_request().replace(b"Host: 127.0.0.1", b"Host: a b"), 400),
+                            (upgrade_request(origin="https://evil.example"), 403),
                             (upgrade_request(origin="http://allowed.example"), 403),  # another scheme
                             (upgrade_request().replace(b"Version: 13", b"Version: 8"), 426),
                             (upgrade_request(method="POST"), 405)):
         assert status_of(proxy.port, request) == status
     assert fast_upgrades(proxy) == before
+    assert "Traceback" not in proxy.log()
 
 
 @pytest.mark.parametrize("query", ["", "?path=tornado"])
