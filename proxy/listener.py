@@ -131,9 +131,8 @@ class TrackedIOStream(tornado.iostream.IOStream):
         self._nodelay_set: bool | None = None
 
     def set_nodelay(self, value: bool) -> None:
-        """Set TCP_NODELAY only when it changes: setting it pushes out what is corked (the fast
-        websocket upgrade's 101, sent with MSG_MORE to leave in one packet with the frames after
-        it, would go alone when the handler's open() sets it again)."""
+        """Set TCP_NODELAY only when it changes: each setsockopt is a system call, and setting it
+        pushes out whatever the kernel holds back."""
         if value != self._nodelay_set:
             super().set_nodelay(value)
             self._nodelay_set = value

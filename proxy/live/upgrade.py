@@ -46,7 +46,7 @@ import tornado.web
 import tornado.websocket
 
 from proxy import httpdate, metrics
-from proxy.live.transports import origin_allowed, send_now
+from proxy.live.transports import origin_allowed
 from proxy.live.websocket import Headers, SockJSWebSocket, UpgradeRequest
 
 log = logging.getLogger("proxy.live")
@@ -212,14 +212,9 @@ class FastUpgrade:
                 f"Date: {httpdate.format_timestamp(time.time())}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Accept: {accept}\r\n\r\n")
         if self._nodelay:
-            # Before the 101, as open() would after it: setting it pushes out what MSG_MORE corks.
-            stream.set_nodelay(True)
-        try:
-            # MSG_MORE: the 101 leaves with the first SockJS frames open() sends, in one packet.
-            send_now(stream, (head.encode("latin1"),), socket.MSG_MORE)
-        except tornado.iostream.StreamClosedError:
-            pass  # open() finds the stream closed and ends the session
-        websocket = SockJSWebSocket(self.router, stream, request, self._max_message_size)
+            stream.set_nodelay(True)  # as sockjs-tornado's open() does (TrackedIOStream: once)
+        # The 101 is sent with the first frames open() writes ("o", the histories): one sendmsg.
+        websocket = SockJSWebSocket(self.router, stream, request, self._max_message_size, head.encode("latin1"))
         self.app.log_request(typing.cast(typing.Any, websocket))
         try:
             websocket.open(*args)

@@ -122,7 +122,8 @@ class SockJSWebSocket:
     access_log_route = "LiveWebSocketTransport"
 
     def __init__(self, server: typing.Any, stream: tornado.iostream.IOStream, request: UpgradeRequest,
-                 max_message_size: int | None):
+                 max_message_size: int | None, head: bytes):
+        """head: the 101 (not sent yet)."""
         self.server = server
         self.stream = stream
         self.request = request
@@ -137,6 +138,11 @@ class SockJSWebSocket:
         self._server_closed = False
         self._close_timer: object | None = None
         self._ended = False
+        # Bytes to send before any frame: the 101, and while open() runs the SockJS open frame. They
+        # leave with the first frame written (the histories, usually), in one sendmsg: each send
+        # on its own is a packet through the stack and a wake-up of the client.
+        self._held: tuple[bytes, ...] = (head,)
+        self._opening = False
 
     # ---- as Tornado's RequestHandler, for the access log -------------------------------------------
 
@@ -154,12 +160,21 @@ class SockJSWebSocket:
         server = self.server
         server.stats.on_conn_opened()
         self.session = server.create_session(session_id, register=False)
-        if not self.session.set_handler(self):
-            self.close()
-            return
-        self.session.verify_state()
-        if self.session:
-            self.session.flush()
+        self._opening = True
+        try:
+            if not self.session.set_handler(self):
+                self.close()
+                return
+            self.session.verify_state()
+            if self.session:
+                self.session.flush()
+        finally:
+            self._opening = False
+        if self._held:  # no frame was written (no history to send): the 101 and "o" alone
+            try:
+                self._send(())
+            except tornado.iostream.StreamClosedError:
+                pass  # the read below finds the stream closed
         self._read()
 
     def connection_lost(self) -> bool:
@@ -169,6 +184,9 @@ class SockJSWebSocket:
         """sockjs-tornado's own frames (open, heartbeat, close)."""
         try:
             parts = FIXED_FRAMES.get(message) or websocket_frame(message.encode())
+            if self._opening and not (self._server_closed or self._client_closed):
+                self._held += parts  # "o": with the histories
+                return
             future = self.write_parts(parts)
         except tornado.websocket.WebSocketClosedError:
             self.server.io_loop.add_callback(self.on_close)
@@ -186,9 +204,15 @@ class SockJSWebSocket:
         if self._server_closed or self._client_closed:
             raise tornado.websocket.WebSocketClosedError()
         try:
-            return send_now(self.stream, parts)
+            return self._send(parts)
         except tornado.iostream.StreamClosedError:
             raise tornado.websocket.WebSocketClosedError() from None
+
+    def _send(self, parts: tuple[bytes, ...]) -> typing.Any:
+        """send_now, after what is held back (the 101, "o")."""
+        if self._held:
+            parts, self._held = self._held + parts, ()
+        return send_now(self.stream, parts)
 
     def session_closed(self) -> None:
         """The session ended (closed by the proxy): close the websocket too."""
@@ -230,7 +254,7 @@ class SockJSWebSocket:
                 # A control frame's payload is at most 125 bytes: the code and 123 of the reason.
                 payload = b"" if code is None else struct.pack("!H", code) + (reason or "").encode()[:123]
                 try:
-                    send_now(self.stream, (bytes([0x88, len(payload)]) + payload,))
+                    self._send((bytes([0x88, len(payload)]) + payload,))
                 except tornado.iostream.StreamClosedError:
                     pass
             self._server_closed = True
@@ -320,7 +344,7 @@ class SockJSWebSocket:
 
     def _control(self, first_byte: int, payload: bytes) -> None:
         try:
-            send_now(self.stream, (bytes([first_byte, len(payload)]) + payload,))
+            self._send((bytes([first_byte, len(payload)]) + payload,))
         except tornado.iostream.StreamClosedError:
             pass
 
