@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.resources
 import json
 import logging
@@ -169,6 +170,11 @@ class ProxyServer:
             self.http_server.fast_path = FastUpgrade(app, LiveWebSocketTransport).accept
         self.http_server.add_sockets(sockets)
         self.systemd.start_watchdog(self.ingest.is_alive)
+        # What start-up made lives as long as the process: out of the cyclic collector's reach, a
+        # full collection walks only what came since (~35k objects: ~30 ms on this machine, which
+        # a burst of connects used to trigger in its middle).
+        gc.collect()
+        gc.freeze()
         log.info("listening on http://%s:%d (SockJS at %s)", self.config.listen.address, self.port,
                  self.config.live.prefix)
 
