@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import socket
+import time
 import typing
 import uuid
 
@@ -547,3 +548,24 @@ def test_what_start_up_made_is_out_of_the_cyclic_collectors_reach(tmp_path):
         gc.unfreeze()  # the rest of the test session is collected as usual
         loop.close()
         asyncio.set_event_loop(None)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_idle_websocket_gets_a_heartbeat_every_heartbeat_interval(broker, start_proxy, path):
+    (topic,) = unique_topics("t")
+    broker.create_topics([topic])
+    proxy = start_proxy(broker.bootstrap_servers, {"topics": [topic], "live": {"heartbeat_interval": 0.5}})
+    ws = open_websocket(proxy, path)
+    try:
+        beats: list[float] = []
+        deadline = time.monotonic() + 15
+        while len(beats) < 4 and time.monotonic() < deadline:
+            if ws.recv() == "h":
+                beats.append(time.monotonic())
+        assert len(beats) == 4, "heartbeats stopped"
+        gaps = [later - earlier for earlier, later in zip(beats, beats[1:])]
+        assert all(gap >= 0.4 for gap in gaps), gaps  # one per interval, not more
+    finally:
+        ws.close()
+    wait_until(lambda: sessions(proxy) == 0, 15, message="the session to end")
+    assert "Traceback" not in proxy.log()
