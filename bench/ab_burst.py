@@ -6,6 +6,7 @@ is a code tree (PYTHONPATH: a checkout or `git archive <commit> proxy | tar -x -
 listener settings.
 
     PYTHONPATH=. python bench/ab_burst.py --a-path /tmp/base --b-path . [--a-listen '{"defer_accept": 0}']
+        [--pairs 6] [--clients 200] [--json]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--b-listen", default="{}")
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = parser.parse_args()
     topics = default_topics()
     sides = {"A": (os.path.abspath(args.a_path), json.loads(args.a_listen)),
@@ -62,6 +64,12 @@ def main() -> None:
         finally:
             for proxy in proxies.values():
                 proxy.stop()
+    if args.json:
+        print(json.dumps({name: {"path": sides[name][0], "listen": sides[name][1],
+                                 "cpu_ms_per_connect": [r["server_cpu_ms_per_client"] for r in rounds],
+                                 "p99_ms": [r["p99_ms"] for r in rounds], "complete": [r["complete"] for r in rounds]}
+                          for name, rounds in figures.items()}))
+        return
     for name, rounds in figures.items():
         cpu = [r["server_cpu_ms_per_client"] for r in rounds]
         p99 = [r["p99_ms"] for r in rounds]

@@ -133,6 +133,19 @@ def test_connect_cost_times_real_fast_upgrades():
     assert len(result["us_per_accept"]) == 2 and all(figure > 0 for figure in result["us_per_accept"])
 
 
+def test_ab_burst_alternates_bursts_between_two_proxies():
+    """bench/ab_burst.py: two proxies (here two listener settings) on one broker, a burst each in
+    turn; every client of every burst gets its histories."""
+    completed = subprocess.run([sys.executable, os.path.join(BENCH, "ab_burst.py"), "--a-listen", '{"defer_accept": 0}',
+                                "--pairs", "1", "--clients", "8", "--json"], env=ENV, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["A"]["listen"] == {"defer_accept": 0} and result["B"]["listen"] == {}
+    for side in result.values():
+        assert side["complete"] == [8] and len(side["cpu_ms_per_connect"]) == 1
+
+
 def test_burst_limit_names_the_machine_or_the_proxy_and_the_proxys_own_cpu():
     from bench.run import burst_bound
 

@@ -1,8 +1,8 @@
 """The SockJS websocket transport of a fast-upgraded connection, on the bare stream.
 
 What LiveWebSocketTransport (a Tornado WebSocketHandler) is to a SockJS session, without Tornado's
-request, handler and websocket protocol objects: a history burst pays for those once per connect
-(~40 % of the proxy's CPU per connect, bench/history_burst.py). Frames to the client are built by
+request, handler and websocket protocol objects: a history burst paid for those once per connect
+(a fifth of the proxy's CPU per connect, bench/ab_burst.py). Frames to the client are built by
 proxy.live.transports (websocket_frame) and written with send_now, as the handler's are; frames
 from the client are parsed by wsproto's FrameProtocol (RFC 6455: masking, control frames,
 fragments, UTF-8 of text and close reasons), created with the first bytes the client sends (a
