@@ -156,4 +156,6 @@ def test_burst_limit_names_the_machine_or_the_proxy_and_the_proxys_own_cpu():
     result["lean"]["p99_ms"], result["proxy_cpu_ms_per_client"] = 90.0, 0.45
     bound = burst_bound(result)
     assert bound.startswith("proxy's CPU per connect") and "= 90 ms" in bound and "within the target" in bound
+    result["proxy_cpu_ms_per_client"] = 0.5000000000000004  # as the CPU meter's ticks give it
+    assert "200 x 0.50 ms = 100 ms on one thread, at the target" in burst_bound(result)
     assert burst_bound(dict(result, passed=True)) is None
