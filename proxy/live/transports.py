@@ -100,6 +100,54 @@ def websocket_frame(payload: bytes) -> tuple[bytes, ...]:
     return (header + payload,) if size < ZERO_COPY_FROM else (header, payload)
 
 
+# SockJS's open and heartbeat frames, encoded once.
+FIXED_FRAMES = {message: websocket_frame(message.encode()) for message in (proto.CONNECT, proto.HEARTBEAT)}
+
+
+class WebSocketFrames:
+    """What both websocket transports (Tornado's handler, the fast upgrade's SockJSWebSocket)
+    share: frames go straight to the socket (send_now), a failed write ends the session."""
+
+    server: typing.Any
+
+    def _frame_stream(self) -> tornado.iostream.IOStream | None:
+        """The stream frames are written to; None when the connection is gone or closing."""
+        raise NotImplementedError
+
+    def _send(self, stream: tornado.iostream.IOStream, parts: tuple[bytes, ...]) -> typing.Any:
+        return send_now(stream, parts)
+
+    on_close: typing.Callable[[], None]  # the transport's: ends the session
+
+    def send_pack(self, message: str, binary: bool = False) -> None:
+        """sockjs-tornado's own frames (open, heartbeat, close). SockJS frames are text: binary is
+        for sockjs-tornado's raw websocket endpoint, which the proxy does not route."""
+        try:
+            future = self.write_parts(FIXED_FRAMES.get(message) or websocket_frame(message.encode()))
+        except (OSError, tornado.websocket.WebSocketClosedError):
+            self.server.io_loop.add_callback(self.on_close)
+            return
+        if future is not None:
+            future.add_done_callback(self._sent)
+
+    def _sent(self, future: typing.Any) -> None:
+        # Retrieved, so a write to a connection that died meanwhile is no "never retrieved" error.
+        if future.exception() is not None:
+            self.server.io_loop.add_callback(self.on_close)
+
+    def write_parts(self, parts: tuple[bytes, ...]) -> typing.Any:
+        """Send a frame encoded by websocket_frame() (shared by every session that sends it); None
+        when the socket took it all, else a future. Raises WebSocketClosedError when the
+        connection is gone or closing."""
+        stream = self._frame_stream()
+        if stream is None:
+            raise tornado.websocket.WebSocketClosedError()
+        try:
+            return self._send(stream, parts)
+        except tornado.iostream.StreamClosedError:
+            raise tornado.websocket.WebSocketClosedError() from None
+
+
 class _JsonErrors:
     """What every SockJS handler here adds: its error pages (a wrong method, say) are JSON
     {"error": ...} like every other route's, not Tornado's HTML."""
@@ -135,7 +183,7 @@ class _Droppable(_JsonErrors):
         session.close(*CONNECTION_INTERRUPTED)
 
 
-class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
+class LiveWebSocketTransport(WebSocketFrames, _Droppable, transports.WebSocketTransport):
     """SockJS over a websocket."""
 
     async def _execute(self, transforms: typing.Any, *args: typing.Any, **kwargs: typing.Any) -> None:
@@ -189,35 +237,9 @@ class LiveWebSocketTransport(_Droppable, transports.WebSocketTransport):
             return
         self.session.on_messages(messages)
 
-    def send_pack(self, message: str, binary: bool = False) -> None:
-        """sockjs-tornado's own frames (open, heartbeat, close): straight to the socket too."""
-        try:
-            future = self.write_message(message, binary) if binary else self.write_frame(message.encode())
-        except (OSError, tornado.websocket.WebSocketClosedError):
-            self.server.io_loop.add_callback(self.on_close)
-            return
-        if future is not None:
-            future.add_done_callback(self._sent)
-
-    def _sent(self, future: typing.Any) -> None:
-        # Retrieved, so a write to a connection that died meanwhile is no "never retrieved" error.
-        if future.exception() is not None:
-            self.server.io_loop.add_callback(self.on_close)
-
-    def write_frame(self, payload: bytes) -> typing.Any:
-        """Send payload as one text frame; None when the socket took it at once, else a future.
-        Raises WebSocketClosedError when the connection is gone."""
-        return self.write_parts(websocket_frame(payload))
-
-    def write_parts(self, parts: tuple[bytes, ...]) -> typing.Any:
-        """Send a frame encoded by websocket_frame() (shared by every session that sends it)."""
+    def _frame_stream(self) -> tornado.iostream.IOStream | None:
         connection = self.ws_connection
-        if connection is None or connection.is_closing():
-            raise tornado.websocket.WebSocketClosedError()
-        try:
-            return send_now(connection.stream, parts)
-        except tornado.iostream.StreamClosedError:
-            raise tornado.websocket.WebSocketClosedError() from None
+        return None if connection is None or connection.is_closing() else connection.stream
 
 
 class _HttpTransport(_Droppable):

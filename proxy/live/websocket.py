@@ -30,11 +30,10 @@ import typing
 import tornado.httputil
 import tornado.iostream
 import tornado.websocket
-from sockjs.tornado import proto
 from sockjs.tornado.session import ConnectionInfo
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
-from proxy.live.transports import send_now, sockjs_messages, websocket_frame
+from proxy.live.transports import FIXED_FRAMES, WebSocketFrames, send_now, sockjs_messages, websocket_frame
 
 log = logging.getLogger("proxy.live")
 
@@ -42,8 +41,6 @@ log = logging.getLogger("proxy.live")
 CLOSE_TIMEOUT = 5.0
 # Bytes asked of the stream per read (what the client sends is small: subscriptions, auth).
 READ_BYTES = 64 * 1024
-# SockJS's open and heartbeat frames, encoded once.
-FIXED_FRAMES = {message: websocket_frame(message.encode()) for message in (proto.CONNECT, proto.HEARTBEAT)}
 
 
 class Headers(dict):
@@ -113,7 +110,7 @@ class _ConnectionInfo(ConnectionInfo):
         pass
 
 
-class SockJSWebSocket:
+class SockJSWebSocket(WebSocketFrames):
     """One fast-upgraded SockJS websocket: the session's handler (the interface of
     LiveWebSocketTransport that sockjs-tornado's session and proxy.live use)."""
 
@@ -172,7 +169,7 @@ class SockJSWebSocket:
             self._opening = False
         if self._held:  # no frame was written (no history to send): the 101 and "o" alone
             try:
-                self._send(())
+                self._send(self.stream, ())
             except tornado.iostream.StreamClosedError:
                 pass  # the read below finds the stream closed
         self._read()
@@ -181,38 +178,19 @@ class SockJSWebSocket:
         return self._server_closed or self._client_closed or self.stream.closed()
 
     def send_pack(self, message: str, binary: bool = False) -> None:
-        """sockjs-tornado's own frames (open, heartbeat, close)."""
-        try:
-            parts = FIXED_FRAMES.get(message) or websocket_frame(message.encode())
-            if self._opening and not (self._server_closed or self._client_closed):
-                self._held += parts  # "o": with the histories
-                return
-            future = self.write_parts(parts)
-        except tornado.websocket.WebSocketClosedError:
-            self.server.io_loop.add_callback(self.on_close)
+        if self._opening and self._frame_stream() is not None:
+            self._held += FIXED_FRAMES.get(message) or websocket_frame(message.encode())  # "o": with the histories
             return
-        if future is not None:
-            future.add_done_callback(self._sent)
+        super().send_pack(message, binary)
 
-    def _sent(self, future: typing.Any) -> None:
-        if future.exception() is not None:
-            self.server.io_loop.add_callback(self.on_close)
+    def _frame_stream(self) -> tornado.iostream.IOStream | None:
+        return None if self._server_closed or self._client_closed else self.stream
 
-    def write_parts(self, parts: tuple[bytes, ...]) -> typing.Any:
-        """Send a frame encoded by websocket_frame(); None when the socket took it, else a future.
-        Raises WebSocketClosedError when the connection is gone or closing."""
-        if self._server_closed or self._client_closed:
-            raise tornado.websocket.WebSocketClosedError()
-        try:
-            return self._send(parts)
-        except tornado.iostream.StreamClosedError:
-            raise tornado.websocket.WebSocketClosedError() from None
-
-    def _send(self, parts: tuple[bytes, ...]) -> typing.Any:
+    def _send(self, stream: tornado.iostream.IOStream, parts: tuple[bytes, ...]) -> typing.Any:
         """send_now, after what is held back (the 101, "o")."""
         if self._held:
             parts, self._held = self._held + parts, ()
-        return send_now(self.stream, parts)
+        return send_now(stream, parts)
 
     def session_closed(self) -> None:
         """The session ended (closed by the proxy): close the websocket too."""
@@ -254,7 +232,7 @@ class SockJSWebSocket:
                 # A control frame's payload is at most 125 bytes: the code and 123 of the reason.
                 payload = b"" if code is None else struct.pack("!H", code) + (reason or "").encode()[:123]
                 try:
-                    self._send((bytes([0x88, len(payload)]) + payload,))
+                    self._send(self.stream, (bytes([0x88, len(payload)]) + payload,))
                 except tornado.iostream.StreamClosedError:
                     pass
             self._server_closed = True
@@ -344,7 +322,7 @@ class SockJSWebSocket:
 
     def _control(self, first_byte: int, payload: bytes) -> None:
         try:
-            self._send((bytes([first_byte, len(payload)]) + payload,))
+            self._send(self.stream, (bytes([first_byte, len(payload)]) + payload,))
         except tornado.iostream.StreamClosedError:
             pass
 
