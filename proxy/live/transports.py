@@ -106,9 +106,28 @@ FIXED_FRAMES = {message: websocket_frame(message.encode()) for message in (proto
 
 class WebSocketFrames:
     """What both websocket transports (Tornado's handler, the fast upgrade's SockJSWebSocket)
-    share: frames go straight to the socket (send_now), a failed write ends the session."""
+    share: frames go straight to the socket (send_now), a failed write ends the session, and the
+    client's messages go to the session (a frame that is not SockJS closes the websocket, 1002)."""
 
     server: typing.Any
+    session: typing.Any
+    request: typing.Any
+    close: typing.Callable[..., None]  # the websocket's close(code, reason)
+
+    def drop(self) -> None:
+        """The connection is gone: end the session."""
+        self.on_close()
+
+    def on_message(self, message: str | bytes) -> None:
+        # SockJS requires that empty messages be ignored.
+        if not message or not self.session:
+            return
+        messages = sockjs_messages(message)
+        if messages is None:
+            log.info("closing websocket from %s: not a SockJS message", self.request.remote_ip)
+            self.close(1002, "malformed SockJS message")
+            return
+        self.session.on_messages(messages)
 
     def _frame_stream(self) -> tornado.iostream.IOStream | None:
         """The stream frames are written to; None when the connection is gone or closing."""
@@ -222,20 +241,6 @@ class LiveWebSocketTransport(WebSocketFrames, _Droppable, transports.WebSocketTr
     def connection_lost(self) -> bool:
         connection = self.ws_connection
         return connection is None or connection.is_closing() or connection.stream.closed()
-
-    def drop(self) -> None:
-        self.on_close()
-
-    def on_message(self, message: str | bytes) -> None:
-        # SockJS requires that empty messages be ignored.
-        if not message or not self.session:
-            return
-        messages = sockjs_messages(message)
-        if messages is None:
-            log.info("closing websocket from %s: not a SockJS message", self.request.remote_ip)
-            self.close(1002, "malformed SockJS message")
-            return
-        self.session.on_messages(messages)
 
     def _frame_stream(self) -> tornado.iostream.IOStream | None:
         connection = self.ws_connection

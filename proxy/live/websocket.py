@@ -33,7 +33,7 @@ import tornado.websocket
 from sockjs.tornado.session import ConnectionInfo
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
-from proxy.live.transports import FIXED_FRAMES, WebSocketFrames, send_now, sockjs_messages, websocket_frame
+from proxy.live.transports import FIXED_FRAMES, WebSocketFrames, send_now, websocket_frame
 
 log = logging.getLogger("proxy.live")
 
@@ -197,9 +197,6 @@ class SockJSWebSocket(WebSocketFrames):
         self.close()
         self._detach()
 
-    def drop(self) -> None:
-        self.on_close()
-
     def on_close(self) -> None:
         """The connection is gone: end the session (as sockjs-tornado's transport does)."""
         session = self.session
@@ -212,16 +209,6 @@ class SockJSWebSocket(WebSocketFrames):
         if self.session is not None:
             self.session.remove_handler(self)
             self.session = None
-
-    def on_message(self, message: str) -> None:
-        if not message or not self.session:  # SockJS: empty messages are ignored
-            return
-        messages = sockjs_messages(message)
-        if messages is None:
-            log.info("closing websocket from %s: not a SockJS message", self.request.remote_ip)
-            self.close(1002, "malformed SockJS message")
-            return
-        self.session.on_messages(messages)
 
     # ---- the websocket ---------------------------------------------------------------------------
 
