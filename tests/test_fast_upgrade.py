@@ -569,3 +569,23 @@ def test_an_idle_websocket_gets_a_heartbeat_every_heartbeat_interval(broker, sta
         ws.close()
     wait_until(lambda: sessions(proxy) == 0, 15, message="the session to end")
     assert "Traceback" not in proxy.log()
+
+
+def test_a_fast_upgraded_sessions_connection_info_is_tornados():
+    """sockjs-tornado hands the connection's info (ip, path, cookies, headers) to the session: the
+    same as a Tornado request of those headers gives."""
+    from proxy.live.websocket import Headers, SockJSWebSocket, UpgradeRequest
+
+    raw = {"Host": "127.0.0.1:8001", "Cookie": 'a=1; b="x y"; c', "Referer": "http://127.0.0.1:8001/"}
+    headers = Headers({name.lower(): value for name, value in raw.items()})
+    websocket = SockJSWebSocket(None, None, UpgradeRequest("/live/000/abc/websocket", headers, "10.0.0.7"), None, b"")
+    info = websocket.get_conn_info()
+    tornados = tornado.httputil.HTTPServerRequest(
+        start_line=tornado.httputil.RequestStartLine("GET", "/live/000/abc/websocket", "HTTP/1.1"),
+        headers=tornado.httputil.HTTPHeaders(raw))
+    assert (info.ip, info.path, info.arguments) == ("10.0.0.7", "/live/000/abc/websocket", {})
+    assert {name: morsel.value for name, morsel in info.cookies.items()} == {"a": "1", "b": "x y"}
+    assert {name: morsel.value for name, morsel in info.cookies.items()} == \
+        {name: morsel.value for name, morsel in tornados.cookies.items()}
+    assert info.get_cookie("a").value == "1" and info.get_header("referer") == "http://127.0.0.1:8001/"
+    assert sorted(info.headers.get_all()) == sorted(tornados.headers.get_all())

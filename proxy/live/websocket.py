@@ -57,45 +57,40 @@ class Headers(dict):
 
 
 class UpgradeRequest:
-    """What the session, the connection info and the access log read of the upgrade request."""
+    """What the session, the cross-origin check and the access log read of the upgrade request."""
 
     method = "GET"
-    version = "HTTP/1.1"
 
     def __init__(self, path: str, headers: Headers, remote_ip: str):
-        self.path = self.uri = path
+        self.path = path
         self.headers = headers
         self.remote_ip = remote_ip
-        self.query = ""
-        self.arguments: dict[str, list[bytes]] = {}
         self._start = time.time()
 
     def request_time(self) -> float:
         return time.time() - self._start
 
-    @property
-    def cookies(self) -> http.cookies.SimpleCookie:
-        """As HTTPServerRequest.cookies (parsed when asked for: the live view does not)."""
-        cookies: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
-        if "Cookie" in self.headers:
-            for name, value in tornado.httputil.parse_cookie(self.headers["Cookie"]).items():
-                try:
-                    cookies[name] = value
-                except http.cookies.CookieError:
-                    pass
-        return cookies
-
 
 class _ConnectionInfo(ConnectionInfo):
-    """sockjs-tornado's ConnectionInfo, with the cookies and headers made when read."""
+    """sockjs-tornado's ConnectionInfo of the upgrade request (no query string: no arguments). Its
+    cookies and headers are a Tornado request's, made when one of them is first read (the live
+    view reads neither)."""
 
     def __init__(self, request: UpgradeRequest):
-        super().__init__(request.remote_ip, None, request.arguments, None, request.path)
-        self._request = request
+        super().__init__(request.remote_ip, None, {}, None, request.path)
+        self._upgrade = request
+        self._tornado_request: tornado.httputil.HTTPServerRequest | None = None
+
+    def _request(self) -> tornado.httputil.HTTPServerRequest:
+        if self._tornado_request is None:
+            self._tornado_request = tornado.httputil.HTTPServerRequest(
+                start_line=tornado.httputil.RequestStartLine("GET", self._upgrade.path, "HTTP/1.1"),
+                headers=tornado.httputil.HTTPHeaders(dict(self._upgrade.headers)))
+        return self._tornado_request
 
     @property  # type: ignore[override]
     def cookies(self) -> http.cookies.SimpleCookie:
-        return self._request.cookies
+        return self._request().cookies
 
     @cookies.setter
     def cookies(self, value: typing.Any) -> None:
@@ -103,7 +98,7 @@ class _ConnectionInfo(ConnectionInfo):
 
     @property  # type: ignore[override]
     def headers(self) -> tornado.httputil.HTTPHeaders:
-        return tornado.httputil.HTTPHeaders(dict(self._request.headers))
+        return self._request().headers
 
     @headers.setter
     def headers(self, value: typing.Any) -> None:
