@@ -15,8 +15,7 @@ import tornado.websocket
 from sockjs.tornado import SockJSRouter
 from sockjs.tornado.session import Session
 
-from proxy.live.transports import LiveWebSocketTransport
-from proxy.live.websocket import SockJSWebSocket
+from proxy.live.transports import WebSocketFrames
 
 if typing.TYPE_CHECKING:
     from proxy.live.fanout import LiveHub
@@ -27,9 +26,6 @@ MAX_FRAME_BYTES = 1024 * 1024
 # A session with this much queued when its write completes writes again at once (a reader
 # draining a backlog); with less, it waits for the flush tick and shares its frame.
 BEHIND_BYTES = 64 * 1024
-# The websocket transports (Tornado's handler, or the fast upgrade's): frames straight to the
-# socket (write_parts), backpressure from the write's future.
-WEBSOCKETS = (LiveWebSocketTransport, SockJSWebSocket)
 # Transports that take one HTTP request per answer: answered at most every hub.poll_interval.
 POLLING_TRANSPORTS = frozenset({"xhr", "jsonp"})
 # A polling session's next answer waits hub.poll_interval plus a random share of it, up to this
@@ -176,7 +172,7 @@ class LiveSession(Session):
         writes at once and a backlog is queued, go on with the next frame."""
         while True:
             handler = self.handler
-            if isinstance(handler, WEBSOCKETS):
+            if isinstance(handler, WebSocketFrames):
                 try:
                     future = handler.write_parts(self.hub.websocket_parts(frame))
                 except tornado.websocket.WebSocketClosedError:
@@ -278,7 +274,7 @@ class LiveSession(Session):
         handler = self.handler
         if self._chunks and handler is not None and not self.is_closed:
             frame = self.hub.frame(self.take())
-            if isinstance(handler, WEBSOCKETS):
+            if isinstance(handler, WebSocketFrames):
                 handler.send_pack(frame.decode())  # ordered before the close frame on the same stream
             elif handler.active:
                 handler.send_pack(frame.decode())

@@ -106,13 +106,18 @@ FIXED_FRAMES = {message: websocket_frame(message.encode()) for message in (proto
 
 class WebSocketFrames:
     """What both websocket transports (Tornado's handler, the fast upgrade's SockJSWebSocket)
-    share: frames go straight to the socket (send_now), a failed write ends the session, and the
+    share: frames go straight to the socket (send_now; LiveSession writes its frames through
+    write_parts, backpressure from the write's future), a failed write ends the session, and the
     client's messages go to the session (a frame that is not SockJS closes the websocket, 1002)."""
 
     server: typing.Any
     session: typing.Any
     request: typing.Any
     close: typing.Callable[..., None]  # the websocket's close(code, reason)
+    on_close: typing.Callable[[], None]  # the transport's: ends the session
+
+    def connection_lost(self) -> bool:
+        return self._frame_stream() is None
 
     def drop(self) -> None:
         """The connection is gone: end the session."""
@@ -135,8 +140,6 @@ class WebSocketFrames:
 
     def _send(self, stream: tornado.iostream.IOStream, parts: tuple[bytes, ...]) -> typing.Any:
         return send_now(stream, parts)
-
-    on_close: typing.Callable[[], None]  # the transport's: ends the session
 
     def send_pack(self, message: str, binary: bool = False) -> None:
         """sockjs-tornado's own frames (open, heartbeat, close). SockJS frames are text: binary is
@@ -238,12 +241,8 @@ class LiveWebSocketTransport(WebSocketFrames, _Droppable, transports.WebSocketTr
         """A cross-origin websocket from an origin in `cors_origins`, as the HTTP API allows one."""
         return origin_allowed(self.server.settings, origin)
 
-    def connection_lost(self) -> bool:
-        connection = self.ws_connection
-        return connection is None or connection.is_closing() or connection.stream.closed()
-
     def _frame_stream(self) -> tornado.iostream.IOStream | None:
-        connection = self.ws_connection
+        connection = self.ws_connection  # is_closing(): the stream closed, or a close sent or received
         return None if connection is None or connection.is_closing() else connection.stream
 
 

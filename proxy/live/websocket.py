@@ -169,9 +169,6 @@ class SockJSWebSocket(WebSocketFrames):
                 pass  # the read below finds the stream closed
         self._read()
 
-    def connection_lost(self) -> bool:
-        return self._server_closed or self._client_closed or self.stream.closed()
-
     def send_pack(self, message: str, binary: bool = False) -> None:
         if self._opening and self._frame_stream() is not None:
             self._held += FIXED_FRAMES.get(message) or websocket_frame(message.encode())  # "o": with the histories
@@ -179,7 +176,7 @@ class SockJSWebSocket(WebSocketFrames):
         super().send_pack(message, binary)
 
     def _frame_stream(self) -> tornado.iostream.IOStream | None:
-        return None if self._server_closed or self._client_closed else self.stream
+        return None if self._server_closed or self._client_closed or self.stream.closed() else self.stream
 
     def _send(self, stream: tornado.iostream.IOStream, parts: tuple[bytes, ...]) -> typing.Any:
         """send_now, after what is held back (the 101, "o")."""
