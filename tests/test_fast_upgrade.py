@@ -440,13 +440,15 @@ def test_a_ping_is_answered_with_its_payload(live_proxy, path):
         ws.close()
 
 
+@pytest.mark.parametrize("opcode", [websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY], ids=["text", "binary"])
 @pytest.mark.parametrize("path", PATHS)
-def test_a_fragmented_message_is_one_message(live_proxy, path):
+def test_a_fragmented_message_is_one_message(live_proxy, path, opcode):
     ws = open_websocket(live_proxy, path)
     try:
-        text = json.dumps([json.dumps({"type": "no such type", "pad": "é" * 300})])
-        thirds = [text[:100], text[100:400], text[400:]]
-        ws.send_frame(websocket.ABNF.create_frame(thirds[0], websocket.ABNF.OPCODE_TEXT, fin=0))
+        data = json.dumps([json.dumps({"type": "no such type", "pad": "é" * 300}, ensure_ascii=False)],
+                          ensure_ascii=False).encode()
+        thirds = [data[:101], data[101:401], data[401:]]  # cut inside two-byte characters
+        ws.send_frame(websocket.ABNF.create_frame(thirds[0], opcode, fin=0))
         ws.ping(b"between")  # a control frame may come between the fragments
         ws.send_frame(websocket.ABNF.create_frame(thirds[1], websocket.ABNF.OPCODE_CONT, fin=0))
         ws.send_frame(websocket.ABNF.create_frame(thirds[2], websocket.ABNF.OPCODE_CONT, fin=1))

@@ -123,9 +123,8 @@ class SockJSWebSocket(WebSocketFrames):
         self.active = True
         self._max_message_size = max_message_size
         self._frames: FrameProtocol | None = None  # made with the client's first bytes
-        self._message: list[bytes] = []  # the parts of a fragmented message
+        self._message: list[typing.Any] = []  # the pieces of a fragmented message (str for text)
         self._message_size = 0
-        self._text = True  # whether the message under way is text (else binary)
         self._client_closed = False
         self._server_closed = False
         self._close_timer: object | None = None
@@ -264,7 +263,7 @@ class SockJSWebSocket(WebSocketFrames):
                 elif opcode is Opcode.CLOSE:
                     self._client_closed = True
                     code, _ = frame.payload
-                    self._client_closed_with(int(code))
+                    self.close(None if code == 1005 else int(code))  # echoed (1005: it had none)
                     return False
                 elif opcode is not Opcode.PONG:
                     if not self._data(frame.payload, frame.message_finished, opcode):
@@ -276,23 +275,22 @@ class SockJSWebSocket(WebSocketFrames):
         return not self.stream.closed()
 
     def _data(self, payload: str | bytes, finished: bool, opcode: Opcode) -> bool:
-        if isinstance(payload, str):
-            payload = payload.encode()  # wsproto decodes text (validated); Tornado counts bytes
-        self._message_size += len(payload)
+        """A piece of a message (wsproto gives every piece the message's opcode, and text decoded
+        and validated); the message once finished."""
+        # Tornado's limit counts bytes.
+        self._message_size += len(payload.encode()) if isinstance(payload, str) else len(payload)
         if self._max_message_size is not None and self._message_size > self._max_message_size:
             self._fail(1009, "message too big")
             return False
         self._message.append(payload)
-        if opcode is not Opcode.CONTINUATION:
-            self._text = opcode is Opcode.TEXT
         if not finished:
             return True
-        data = b"".join(self._message)
+        message = ("" if opcode is Opcode.TEXT else b"").join(self._message)  # type: ignore[attr-defined]
         self._message, self._message_size = [], 0
         if self._server_closed:
             return True  # closing: what comes until the client's close is dropped, as Tornado does
         try:
-            self.on_message(data.decode() if self._text else data)  # type: ignore[arg-type]
+            self.on_message(message)
         except Exception:
             log.exception("websocket from %s: message not handled", self.request.remote_ip)
             self._fail(1011, "")
@@ -304,10 +302,6 @@ class SockJSWebSocket(WebSocketFrames):
             self._send(self.stream, (bytes([first_byte, len(payload)]) + payload,))
         except tornado.iostream.StreamClosedError:
             pass
-
-    def _client_closed_with(self, code: int) -> None:
-        """The client's close: echo its code (none for 1005) and close the connection."""
-        self.close(None if code == 1005 else code)
 
     def _fail(self, code: int, reason: str) -> None:
         """Send a close with code, then close the connection without waiting for the client's."""
